@@ -1,12 +1,19 @@
 """Reading and writing the MVTec 3D-AD file kinds, with errors that name the file.
 
+Formats (MVTec 3D-AD, Bergmann et al. 2022; see docs/data.md):
+
 rgb: 8-bit PNG (3 channels; grey or RGBA are converted), returned RGB-ordered uint8.
 xyz: float32 H x W x 3 TIFF in metres, (0, 0, 0) = no point.
-gt:  8-bit PNG mask, class-coded; anything > 0 is anomalous.
+gt:  8-bit PNG mask, class-coded (e.g. 255/254/253); anything > 0 is anomalous.
+
+OpenCV's BGR order never leaves this module. Every reader raises
+``edge_runtime.errors.DataError(path, problem)`` for a missing, unreadable or
+malformed file.
 """
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -15,26 +22,71 @@ import tifffile
 
 from edge_runtime.errors import DataError
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# No industrial 3D sensor sees a part 100 m away: coordinates beyond this are taken
+# as a unit error (millimetre data in a file that must hold metres).
+MAX_COORD_M = 100.0
+
 
 def _read_png(path: str | Path) -> np.ndarray:
+    """Decode a PNG file as stored (any depth / channel count; OpenCV's BGR(A) order).
+
+    Rejects missing, empty, non-PNG, corrupt and truncated files.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file does not exist")
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         raise DataError(path, "file is empty")
+    if data[:8].tobytes() != PNG_SIGNATURE:
+        raise DataError(path, "not a PNG file (the PNG signature is missing)")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(path, "not a readable PNG image (corrupt or truncated)")
-    # libpng reports a truncated image on stderr but OpenCV may still return pixels;
-    # a PNG must end with its IEND chunk.
-    if data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and data[-8:-4].tobytes() != b"IEND":
-        raise DataError(path, "truncated PNG (no IEND chunk at the end of the file)")
+    # Some OpenCV 4.x builds return the pixels of a truncated file (libpng only warns
+    # on stderr), so the chunk structure is checked too.
+    if not _png_complete(data.tobytes()):
+        raise DataError(path, "truncated PNG (the file ends before its IEND chunk)")
     return img
 
 
+def _png_complete(data: bytes) -> bool:
+    """True if the PNG chunk sequence reaches an IEND chunk inside ``data``.
+
+    Source: PNG specification, chunk layout = 4-byte big-endian length, 4-byte type,
+    data, 4-byte CRC. Bytes after IEND are ignored (as decoders do).
+    """
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        chunk_type = data[pos + 4:pos + 8]
+        pos += 12 + length
+        if chunk_type == b"IEND":
+            return pos <= len(data)
+    return False
+
+
+def read_png_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) in pixels from a PNG's IHDR chunk, without decoding the pixels.
+
+    Source: PNG specification (signature, then IHDR: 4-byte length, b"IHDR",
+    big-endian uint32 width and height).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file does not exist")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise DataError(path, "not a PNG file (no PNG signature and IHDR header)")
+    width, height = struct.unpack(">II", head[16:24])
+    return int(height), int(width)
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """uint8 H x W x 3 in RGB order."""
+    """8-bit PNG -> uint8 H x W x 3 in RGB order (grey and RGBA are converted)."""
     img = _read_png(path)
     if img.dtype != np.uint8:
         raise DataError(path, f"rgb image must be 8-bit, got {img.dtype}")
@@ -50,7 +102,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def read_gt(path: str | Path) -> np.ndarray:
-    """bool H x W, True where the class-coded mask is > 0."""
+    """Class-coded PNG mask -> bool H x W, True where the mask value is > 0."""
     img = _read_png(path)
     if img.ndim == 3:
         if img.shape[2] not in (3, 4):
@@ -60,7 +112,11 @@ def read_gt(path: str | Path) -> np.ndarray:
 
 
 def read_xyz(path: str | Path) -> np.ndarray:
-    """float32 H x W x 3 organized point cloud in metres; zeros = missing point."""
+    """TIFF -> float32 H x W x 3 organized point cloud in metres; (0, 0, 0) = missing point.
+
+    Rejects unreadable/truncated files, non-float data, a shape other than
+    H x W x 3, NaN/Inf coordinates and coordinates beyond ``MAX_COORD_M`` metres.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file does not exist")
@@ -68,6 +124,8 @@ def read_xyz(path: str | Path) -> np.ndarray:
         arr = tifffile.imread(path)
     except Exception as exc:  # tifffile raises many types for broken files
         raise DataError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    if arr.size == 0:
+        raise DataError(path, "TIFF holds no image data (empty or truncated file)")
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DataError(path, f"xyz must be H x W x 3, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -77,10 +135,18 @@ def read_xyz(path: str | Path) -> np.ndarray:
     if bad.any():
         n = int(bad.any(axis=2).sum())
         raise DataError(path, f"xyz has {n} points with NaN or Inf coordinates")
+    peak = float(np.abs(arr).max())
+    if peak > MAX_COORD_M:
+        raise DataError(
+            path,
+            f"xyz coordinates reach {peak:g}; they must be in metres "
+            f"(limit {MAX_COORD_M:g} m; millimetre data?)",
+        )
     return arr
 
 
 def write_rgb(path: str | Path, rgb: np.ndarray) -> None:
+    """uint8 H x W x 3 RGB -> 8-bit PNG (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -90,6 +156,7 @@ def write_rgb(path: str | Path, rgb: np.ndarray) -> None:
 
 
 def write_gt(path: str | Path, gt: np.ndarray, value: int = 255) -> None:
+    """H x W mask -> 8-bit PNG holding ``value`` (the class code) where gt > 0, else 0."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mask = np.where(np.asarray(gt) > 0, value, 0).astype(np.uint8)
@@ -98,9 +165,11 @@ def write_gt(path: str | Path, gt: np.ndarray, value: int = 255) -> None:
 
 
 def write_xyz(path: str | Path, xyz: np.ndarray) -> None:
+    """H x W x 3 point cloud in metres -> float32 TIFF (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     xyz = np.asarray(xyz)
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise ValueError(f"{path}: xyz must be H x W x 3, got {xyz.shape}")
-    tifffile.imwrite(path, xyz.astype(np.float32))
+    # three samples per pixel, interleaved: read back as H x W x 3 by tifffile
+    tifffile.imwrite(path, xyz.astype(np.float32), photometric="minisblack", planarconfig="contig")
