@@ -72,5 +72,14 @@ def _loader(name: str) -> Callable[..., Detector]:
 
 
 def load_detector(bundle_dir: str | Path, backend: str = "torch", device: str = "cpu", **options) -> Detector:
-    """Load the bundle at ``bundle_dir`` behind the named backend."""
+    """Load the bundle at ``bundle_dir`` behind the named backend.
+
+    ``backend="auto"`` picks the fastest usable backend (``edge_runtime.backends.select``):
+    with ``device="cpu"`` among the CPU backends, ``"cuda"`` among the GPU ones, ``"auto"``
+    among all; the detector then carries ``.selection`` (what was chosen and why).
+    """
+    if backend == "auto":
+        from edge_runtime.backends.select import load_auto
+
+        return load_auto(Path(bundle_dir), device=device, **options)
     return _loader(backend)(Path(bundle_dir), device=device, **options)

@@ -1,0 +1,478 @@
+"""CFM: Crossmodal Feature Mapping (Costanzino et al., CVPR 2024), as a pure nn.Module.
+
+Pipeline (REFERENCE.md section 2; the paper's section 3):
+
+1. Frozen extractors. ``backbone_2d`` (DINO ViT-B/8 cut after ``vit_depth`` blocks) turns
+   the ImageNet-normalised ``B x 3 x R x R`` image into ``B x 768 x R/8 x R/8`` tokens.
+   ``backbone_3d`` (Point-MAE cut after ``pm_depth`` blocks) groups the valid points of
+   the organized ``B x R x R x 3`` cloud (``.group``: FPS centres + KNN neighbourhoods)
+   and encodes each group (``.dense``) into a ``dim_3d`` feature per centre.
+2. Alignment onto the mapper grid (``mapper_resolution`` M; M = R is the paper):
+   2D tokens are bilinearly upsampled to M x M. Every valid pixel of the M grid takes the
+   inverse-squared-distance weighted mean of its 3 nearest centres' features (released
+   code: ``1 / (d^2 + 1e-8)``, d in metres), scattered into the grid (zeros where no 3D
+   point), then a 3 x 3 average smoothing (zero padding, so object borders average in
+   empty pixels as the released code does; the released code uses AvgPool2d(3, stride 1,
+   no padding) and adaptive-pools back to 224 — we pad by 1 instead, same footprint).
+   Only valid pixels are ever used, so only they are computed (``CFMModel.align``).
+   The M grid's points are the R grid's nearest-resized, so M = R is exact and M < R
+   trades accuracy for speed (mapper cost scales with M^2).
+3. Two per-pixel MLPs (``map_2d_to_3d``, ``map_3d_to_2d``): in -> (in+out)//2 ->
+   (in+out)//2 -> out, GELU after the first two layers (released ``FeatureProjectionMLP``;
+   parameter names ``input``/``projection``/``output`` as there).
+4. Anomaly map: every feature vector L2-normalised; per pixel the Euclidean distance
+   between observed and predicted features, per modality (Psi_2D, Psi_3D), computed only
+   at pixels with a 3D point (zero elsewhere). If M < R each map is bilinearly upsampled
+   to R and zeroed again where the R grid has no point. The two maps are combined
+   (``aggregation``: product (paper, Table 6), sum, max, 2d, 3d), then smoothed
+   (``smoothing``: "gaussian" with ``sigma`` = 4 px at 224 (paper), scaled by R/224; or
+   "box" = the released code's 5 passes of a 5 x 5 and 3 passes of a 7 x 7 box filter,
+   kernel sizes scaled by R/224 (odd, >= 3); reflect padding for both). Image score = max of the map.
+
+Training (``loss``): per direction 1 - cosine similarity between predicted and observed
+features, averaged over pixels that have a 3D point; the two directions are summed
+(released code).
+
+The extractors always run in eval mode (deterministic BatchNorm, no drop path), unlike the
+released code, which leaves Point-MAE in training mode (REFERENCE.md section 2).
+
+Only the dense parts hold weights and are tensor-in/tensor-out modules, so a backend can
+swap them for ONNX / TensorRT engines: ``backbone_2d``, ``backbone_3d.dense``,
+``map_2d_to_3d``, ``map_3d_to_2d``. ``forward`` composes the model only through them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_runtime.models.pointmae import PointMAEExtractor
+from edge_runtime.models.vit import ViTExtractor
+
+POINT_MAE_WIDTH = 384  # channels of one Point-MAE block output
+AGGREGATIONS = ("product", "sum", "max", "2d", "3d")
+SMOOTHINGS = ("gaussian", "box")
+STAGES = ("2d", "group", "3d", "align", "mappers", "score")  # names passed to the stage context
+INTERP_EPS = 1e-8  # m^2, released code's 1 / (d^2 + 1e-8)
+INTERP_CHUNK = 8192  # points per block in the 3-NN interpolation (bounds temporary memory)
+
+# Layer pruning (paper section 3.4, supplement): both extractors cut after l blocks; the
+# Point-MAE output is the concatenation of these 0-based block outputs (released code).
+VARIANTS: dict[str, dict] = {
+    "tiny": {"vit_depth": 1, "pm_depth": 1, "feature_layers": (0,)},
+    "small": {"vit_depth": 4, "pm_depth": 4, "feature_layers": (1, 2, 3)},
+    "medium": {"vit_depth": 8, "pm_depth": 8, "feature_layers": (1, 4, 7)},
+    "full": {"vit_depth": 12, "pm_depth": 12, "feature_layers": (3, 7, 11)},
+}
+
+# Speed profiles: defaults applied before explicit overrides. "paper" = the released code's
+# settings. "cpu" = Point-MAE on 256 groups of 32 points (1/16 of the points the mini-PointNet
+# encodes) and the mappers on a grid of resolution / 4 (1/16 of the pixels); measured in
+# docs/_parts/results.md and benchmarks_cfm.md. "mapper_divisor" sets mapper_resolution.
+PROFILES: dict[str, dict] = {
+    "paper": {},
+    "cpu": {"num_groups": 256, "group_size": 32, "mapper_divisor": 4},
+}
+
+StageContext = Callable[[str], ContextManager]
+
+
+def _no_stage(name: str) -> ContextManager:
+    """Default stage context: does nothing (backends pass one that times / autocasts)."""
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class CFMConfig:
+    """Everything that fixes a CFM model's shapes and its anomaly-map computation.
+
+    variant: "tiny" | "small" | "medium" | "full" (or "custom").
+    vit_depth, pm_depth: blocks kept in the 2D / 3D extractor.
+    feature_layers: 0-based Point-MAE blocks whose (normed) outputs are concatenated.
+    dim_2d, dim_3d: feature channels per pixel (768; 384 x len(feature_layers)).
+    resolution: input side R in pixels (multiple of 8; the paper: 224).
+    mapper_resolution: side M of the grid the mappers run on (M <= R; M = R is exact).
+    num_groups, group_size: Point-MAE centres (FPS) and neighbours per centre (KNN).
+    smoothing: "gaussian" | "box"; sigma: Gaussian sigma in pixels at R = 224.
+    aggregation: how Psi_2D and Psi_3D combine: "product" | "sum" | "max" | "2d" | "3d".
+    """
+
+    variant: str = "full"
+    vit_depth: int = 12
+    pm_depth: int = 12
+    feature_layers: tuple[int, ...] = (3, 7, 11)
+    dim_2d: int = 768
+    dim_3d: int = 1152
+    resolution: int = 224
+    mapper_resolution: int = 224
+    num_groups: int = 1024
+    group_size: int = 128
+    smoothing: str = "gaussian"
+    sigma: float = 4.0
+    aggregation: str = "product"
+
+    def __post_init__(self):
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        problems = []
+        if self.resolution < 8 or self.resolution % 8:
+            problems.append(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 1 <= self.mapper_resolution <= self.resolution:
+            problems.append(f"mapper_resolution must be in 1..resolution ({self.resolution}), "
+                            f"got {self.mapper_resolution}")
+        if not self.feature_layers or any(not 0 <= i < self.pm_depth for i in self.feature_layers):
+            problems.append(f"feature_layers {self.feature_layers} must be non-empty and lie in "
+                            f"0..pm_depth-1 ({self.pm_depth - 1})")
+        if self.dim_3d != POINT_MAE_WIDTH * len(self.feature_layers):
+            problems.append(f"dim_3d must be {POINT_MAE_WIDTH} x {len(self.feature_layers)} feature "
+                            f"layers = {POINT_MAE_WIDTH * len(self.feature_layers)}, got {self.dim_3d}")
+        if self.vit_depth < 1:
+            problems.append(f"vit_depth must be >= 1, got {self.vit_depth}")
+        if self.num_groups < 3 or self.group_size < 1:
+            problems.append(f"num_groups must be >= 3 and group_size >= 1, got "
+                            f"{self.num_groups}, {self.group_size}")
+        if self.smoothing not in SMOOTHINGS:
+            problems.append(f"smoothing must be one of {SMOOTHINGS}, got {self.smoothing!r}")
+        if not self.sigma > 0:
+            problems.append(f"sigma must be > 0, got {self.sigma}")
+        if self.aggregation not in AGGREGATIONS:
+            problems.append(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if problems:
+            raise ValueError("invalid CFM config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (feature_layers as a list)."""
+        d = asdict(self)
+        d["feature_layers"] = list(self.feature_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CFMConfig":
+        """Inverse of ``to_dict``; unknown keys are an error (a newer bundle format)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CFM config keys {unknown}")
+        return cls(**d)
+
+    def with_overrides(self, **overrides) -> "CFMConfig":
+        """A copy with some fields replaced (e.g. aggregation or smoothing at eval time)."""
+        return replace(self, **overrides)
+
+
+def cfm_config(variant: str, profile: str = "paper", **overrides) -> CFMConfig:
+    """The configuration of a named variant (tiny / small / medium / full), then the speed
+    ``profile``'s defaults (``PROFILES``), then ``overrides``.
+
+    Layer counts follow the paper's pruning (1 / 4 / 8 / 12 blocks), ``dim_3d`` follows the
+    Point-MAE feature layers (384 for tiny, 1152 otherwise), and ``mapper_resolution``
+    follows ``resolution`` (divided by the profile's divisor) unless given.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown CFM variant {variant!r}; choose from {list(VARIANTS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown CFM profile {profile!r}; choose from {list(PROFILES)}")
+    params = dict(VARIANTS[variant])
+    params["dim_3d"] = POINT_MAE_WIDTH * len(params["feature_layers"])
+    speed = dict(PROFILES[profile])
+    divisor = speed.pop("mapper_divisor", 1)
+    params.update(speed)
+    params.update(overrides)
+    params.setdefault("mapper_resolution", max(1, params.get("resolution", CFMConfig.resolution) // divisor))
+    return CFMConfig(variant=variant, **params)
+
+
+class Mapper(nn.Module):
+    """Per-pixel MLP in -> (in+out)//2 -> (in+out)//2 -> out, GELU after the first two
+    layers (released ``FeatureProjectionMLP``). forward: ``(N, in)`` -> ``(N, out)``."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        hidden = (in_dim + out_dim) // 2
+        self.input = nn.Linear(in_dim, hidden)
+        self.projection = nn.Linear(hidden, hidden)
+        self.output = nn.Linear(hidden, out_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.act(self.projection(self.act(self.input(x)))))
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1D Gaussian taps, radius ``int(4 * sigma + 0.5)`` (scipy's truncate=4)."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _separable(maps: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Filter ``B x 1 x H x W`` maps with ``taps`` along both axes (reflect padding)."""
+    r = taps.numel() // 2
+    taps = taps.to(maps)
+    maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(maps, (0, 0, r, r), mode="reflect"), taps.view(1, 1, -1, 1))
+
+
+def box_passes(resolution: int) -> list[int]:
+    """Box kernel sizes of the released smoothing (5 x [5] + 3 x [7] at 224 px), scaled by
+    R/224, rounded to odd and at least 3 (so small test resolutions still smooth)."""
+    scale = resolution / 224.0
+
+    def odd(k: int) -> int:
+        return max(3, 2 * int(round((k * scale - 1) / 2)) + 1)
+
+    return [odd(5)] * 5 + [odd(7)] * 3
+
+
+def smooth(maps: torch.Tensor, cfg: CFMConfig) -> torch.Tensor:
+    """Smooth ``B x H x W`` anomaly maps as ``cfg.smoothing`` says (see module doc)."""
+    x = maps.unsqueeze(1)
+    if cfg.smoothing == "gaussian":
+        x = _separable(x, gaussian_kernel1d(cfg.sigma * cfg.resolution / 224.0))
+    else:
+        for k in box_passes(cfg.resolution):
+            x = _separable(x, torch.full((k,), 1.0 / k))
+    return x.squeeze(1)
+
+
+def three_nn(points: torch.Tensor, centers: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (N x k, into ``centers``) and normalised weights (N x k) of the ``k`` nearest
+    ``centers`` (G x 3, metres) of each point (N x 3, metres); weight ``1 / (d^2 + 1e-8)``
+    with d^2 in m^2 (released code).
+
+    Coordinates are shifted to the centres' mean before the matmul-form squared distance
+    so float32 cancellation stays far below point spacing. Processed in blocks of
+    ``INTERP_CHUNK`` points to bound the N x G distance matrix.
+    """
+    k = min(k, centers.shape[0])
+    origin = centers.mean(dim=0)
+    c = centers - origin
+    c_sq = c.square().sum(dim=1)
+    idx = torch.empty(points.shape[0], k, dtype=torch.long, device=points.device)
+    w = torch.empty(points.shape[0], k, dtype=points.dtype, device=points.device)
+    for s in range(0, points.shape[0], INTERP_CHUNK):
+        p = points[s:s + INTERP_CHUNK] - origin
+        d2 = torch.addmm(p.square().sum(dim=1, keepdim=True) + c_sq, p, c.T, alpha=-2.0).clamp_min_(0)
+        d2, idx[s:s + INTERP_CHUNK] = d2.topk(k, dim=1, largest=False)
+        inv = 1.0 / (d2 + INTERP_EPS)
+        w[s:s + INTERP_CHUNK] = inv / inv.sum(dim=1, keepdim=True)
+    return idx, w
+
+
+def interpolate_centres(points: torch.Tensor, centers: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """Features at ``points`` (N x 3) from their 3 nearest ``centers`` (G x 3) weighted by
+    inverse squared distance (``three_nn``); ``feats`` G x C -> N x C."""
+    idx, w = three_nn(points, centers)
+    return F.embedding_bag(idx, feats, per_sample_weights=w.to(feats.dtype), mode="sum")
+
+
+def bilinear_taps(coord: torch.Tensor, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source taps of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis
+    for output pixel indices ``coord``: (lower index, upper index, upper weight)."""
+    src = ((coord.to(torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    lo = src.floor().long().clamp_max(n_in - 1)
+    hi = (lo + 1).clamp_max(n_in - 1)
+    return lo, hi, src - lo
+
+
+def valid_mask(xyz: torch.Tensor) -> torch.Tensor:
+    """``B x H x W x 3`` cloud -> ``B x H x W`` bool, True where the point is not (0, 0, 0)."""
+    return (xyz != 0).any(dim=-1)
+
+
+class CFMModel(nn.Module):
+    """Crossmodal Feature Mapping (see the module docstring). Pure module: no I/O.
+
+    Inputs everywhere: ``rgb`` float32 ``B x 3 x R x R`` ImageNet-normalised, ``xyz``
+    float32 ``B x R x R x 3`` metres with (0, 0, 0) = no point (``cfm_preprocess`` output).
+    """
+
+    def __init__(self, cfg: CFMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone_2d = ViTExtractor(depth=cfg.vit_depth)
+        self.backbone_3d = PointMAEExtractor(
+            depth=cfg.pm_depth, feature_layers=cfg.feature_layers,
+            num_groups=cfg.num_groups, group_size=cfg.group_size)
+        if self.backbone_2d.out_dim != cfg.dim_2d or self.backbone_3d.out_dim != cfg.dim_3d:
+            raise ValueError(f"extractor widths ({self.backbone_2d.out_dim}, {self.backbone_3d.out_dim}) "
+                             f"do not match the config ({cfg.dim_2d}, {cfg.dim_3d})")
+        self.map_2d_to_3d = Mapper(cfg.dim_2d, cfg.dim_3d)
+        self.map_3d_to_2d = Mapper(cfg.dim_3d, cfg.dim_2d)
+        for p in [*self.backbone_2d.parameters(), *self.backbone_3d.parameters()]:
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "CFMModel":
+        """Only the mappers switch mode; the frozen extractors always stay in eval mode."""
+        super().train(mode)
+        self.backbone_2d.eval()
+        self.backbone_3d.eval()
+        return self
+
+    def set_scoring(self, aggregation: str | None = None, smoothing: str | None = None) -> None:
+        """Change how maps are combined / smoothed (no effect on weights)."""
+        changes = {k: v for k, v in (("aggregation", aggregation), ("smoothing", smoothing)) if v}
+        self.cfg = self.cfg.with_overrides(**changes)
+
+    # -- stages ------------------------------------------------------------------------
+    def align(self, tokens: torch.Tensor, centers: torch.Tensor, feats: torch.Tensor, xyz: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pixel-aligned features of the valid pixels of the M x M mapper grid.
+
+        tokens ``B x C2 x h x w`` (h = w = R/8), centers ``B x G x 3``, feats ``B x G x C3``,
+        xyz ``B x R x R x 3`` -> (x2d ``N x C2``, x3d ``N x C3``, valid ``B x M x M``), rows in
+        ``valid.nonzero()`` order. Only valid pixels are computed (all that the maps and the
+        loss use), each as one fused weighted gather (``F.embedding_bag``):
+
+        * x2d: the 4 bilinear taps of ``F.interpolate(tokens, (M, M), "bilinear")``;
+        * raw 3D: the 3 nearest centres' features, inverse-squared-distance weighted;
+        * x3d: the 3 x 3 mean of the raw 3D features (zero where no point, zero padding),
+          equal to scattering raw features into a zero grid and ``avg_pool2d(3, 1, 1)``.
+        """
+        b, c2, h, w = tokens.shape
+        m = self.cfg.mapper_resolution
+        grid_xyz = xyz
+        if m != xyz.shape[1]:
+            grid_xyz = F.interpolate(xyz.permute(0, 3, 1, 2), size=(m, m), mode="nearest").permute(0, 2, 3, 1)
+        valid = valid_mask(grid_xyz)
+        bi, yi, xi = valid.nonzero(as_tuple=True)
+        n = bi.numel()
+
+        y0, y1, wy = bilinear_taps(yi, h, m)
+        x0, x1, wx = bilinear_taps(xi, w, m)
+        base = bi * (h * w)
+        taps = torch.stack([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1], 1)
+        tap_w = torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx], 1)
+        table_2d = tokens.permute(0, 2, 3, 1).reshape(b * h * w, c2)
+        x2d = F.embedding_bag(taps, table_2d, per_sample_weights=tap_w.to(table_2d.dtype), mode="sum")
+
+        g, c3 = feats.shape[1], feats.shape[2]
+        points = grid_xyz[bi, yi, xi]
+        idx = torch.empty(n, min(3, g), dtype=torch.long, device=xyz.device)
+        wts = torch.empty(n, min(3, g), dtype=torch.float32, device=xyz.device)
+        for i in range(b):
+            rows = (bi == i).nonzero().squeeze(1)
+            if rows.numel():
+                idx_i, wts[rows] = three_nn(points[rows], centers[i])
+                idx[rows] = idx_i + i * g
+        raw = F.embedding_bag(idx, feats.reshape(b * g, c3), per_sample_weights=wts.to(feats.dtype), mode="sum")
+
+        slot = torch.full((b, m + 2, m + 2), -1, dtype=torch.long, device=xyz.device)  # -1 = no point
+        slot[bi, yi + 1, xi + 1] = torch.arange(n, device=xyz.device)
+        dy, dx = torch.meshgrid(torch.arange(3, device=xyz.device), torch.arange(3, device=xyz.device),
+                                indexing="ij")
+        neighbours = slot[bi[:, None], yi[:, None] + dy.reshape(1, 9), xi[:, None] + dx.reshape(1, 9)]
+        present = (neighbours >= 0).to(raw.dtype) / 9.0  # empty neighbours count as zeros
+        x3d = F.embedding_bag(neighbours.clamp_min(0), raw, per_sample_weights=present, mode="sum")
+        return x2d, x3d, valid
+
+    def extract(self, rgb: torch.Tensor, xyz: torch.Tensor, stage: StageContext = _no_stage
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frozen extractors: (tokens ``B x C2 x R/8 x R/8``, centers ``B x G x 3``,
+        feats ``B x G x C3``). ``stage(name)`` wraps each stage (timing / autocast)."""
+        with stage("2d"):
+            tokens = self.backbone_2d(rgb)
+        with stage("group"):
+            centers, neighborhood = self.backbone_3d.group(xyz)
+        with stage("3d"):
+            feats = self.backbone_3d.dense(neighborhood, centers)
+        return tokens, centers, feats
+
+    def pixel_features(self, rgb: torch.Tensor, xyz: torch.Tensor, stage: StageContext = _no_stage
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen, aligned features of the valid mapper-grid pixels: (x2d ``N x C2``,
+        x3d ``N x C3``, valid ``B x M x M``), what the mappers and the loss consume."""
+        tokens, centers, feats = self.extract(rgb, xyz, stage)
+        with stage("align"):
+            return self.align(tokens, centers, feats, xyz)
+
+    def features(self, rgb: torch.Tensor, xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Aligned feature maps on the M x M grid: (f2d ``B x C2 x M x M``, f3d ``B x C3 x M x M``,
+        valid ``B x M x M``). f2d is the bilinear upsampling everywhere; f3d holds the
+        smoothed 3D features at valid pixels and zeros elsewhere (the smoothing's spill-over
+        onto empty pixels is never used, so it is not computed)."""
+        tokens, centers, feats = self.extract(rgb, xyz)
+        _, x3d, valid = self.align(tokens, centers, feats, xyz)
+        b, m = valid.shape[0], valid.shape[1]
+        f2d = F.interpolate(tokens, size=(m, m), mode="bilinear", align_corners=False)
+        f3d = x3d.new_zeros(b, m, m, x3d.shape[1])
+        f3d[valid] = x3d
+        return f2d, f3d.permute(0, 3, 1, 2), valid
+
+    def discrepancy(self, x2d: torch.Tensor, x3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel (Psi_2D, Psi_3D), each N: Euclidean distance between the L2-normalised
+        observed and predicted features (range 0..2)."""
+        pred_2d = self.map_3d_to_2d(x3d)
+        pred_3d = self.map_2d_to_3d(x2d)
+        psi_2d = (F.normalize(x2d.float(), dim=1) - F.normalize(pred_2d.float(), dim=1)).norm(dim=1)
+        psi_3d = (F.normalize(x3d.float(), dim=1) - F.normalize(pred_3d.float(), dim=1)).norm(dim=1)
+        return psi_2d, psi_3d
+
+    def anomaly_map(self, psi_2d: torch.Tensor, psi_3d: torch.Tensor, valid: torch.Tensor,
+                    xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel distances at the valid mapper-grid pixels -> (scores ``B``, maps
+        ``B x R x R``): scatter, upsample to R if M < R, zero where no point, combine, smooth, max."""
+        b, m = valid.shape[0], valid.shape[1]
+        maps = psi_2d.new_zeros(2, b, m, m)
+        maps[0][valid] = psi_2d
+        maps[1][valid] = psi_3d
+        r = xyz.shape[1]
+        if m != r:
+            maps = F.interpolate(maps.view(2 * b, 1, m, m), size=(r, r), mode="bilinear",
+                                 align_corners=False).view(2, b, r, r)
+            maps = maps * valid_mask(xyz)
+        agg = self.cfg.aggregation
+        if agg == "product":
+            amap = maps[0] * maps[1]
+        elif agg == "sum":
+            amap = maps[0] + maps[1]
+        elif agg == "max":
+            amap = maps.amax(dim=0)
+        else:
+            amap = maps[0] if agg == "2d" else maps[1]
+        amap = smooth(amap, self.cfg)
+        return amap.flatten(1).amax(dim=1), amap
+
+    def forward(self, rgb: torch.Tensor, xyz: torch.Tensor, stage: StageContext = _no_stage
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rgb ``B x 3 x R x R``, xyz ``B x R x R x 3`` -> (scores ``B``, maps ``B x R x R``).
+
+        ``stage(name)`` is entered around each of ``STAGES`` (a backend times them there).
+        """
+        x2d, x3d, valid = self.pixel_features(rgb, xyz, stage)
+        with stage("mappers"):
+            psi_2d, psi_3d = self.discrepancy(x2d, x3d)
+        with stage("score"):
+            return self.anomaly_map(psi_2d, psi_3d, valid, xyz)
+
+    def loss(self, x2d: torch.Tensor, x3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training loss on valid-pixel features ``x2d`` N x C2, ``x3d`` N x C3:
+        (total, loss_2d_to_3d, loss_3d_to_2d), each direction 1 - mean cosine similarity
+        of predicted vs observed; total = their sum (released code)."""
+        loss_23 = 1.0 - F.cosine_similarity(self.map_2d_to_3d(x2d), x3d, dim=1).mean()
+        loss_32 = 1.0 - F.cosine_similarity(self.map_3d_to_2d(x3d), x2d, dim=1).mean()
+        return loss_23 + loss_32, loss_23, loss_32
+
+
+def mapper_parameters(model: CFMModel) -> list[nn.Parameter]:
+    """The trainable parameters (both mappers)."""
+    return [*model.map_2d_to_3d.parameters(), *model.map_3d_to_2d.parameters()]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of scalar parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "AGGREGATIONS", "PROFILES", "SMOOTHINGS", "STAGES", "VARIANTS", "CFMConfig", "CFMModel", "Mapper",
+    "bilinear_taps", "cfm_config", "count_parameters", "gaussian_kernel1d", "interpolate_centres",
+    "mapper_parameters", "smooth", "three_nn", "valid_mask",
+]

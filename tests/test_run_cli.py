@@ -1,0 +1,187 @@
+"""``edge-run``: arguments, model store, demo-bundle orchestration, a full CLI run, SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.cli import run as cli
+from edge_runtime.errors import BundleError
+from edge_runtime.pipeline import store
+from pipeline_fixtures import free_port, noop_bundle
+
+
+@pytest.fixture
+def model_store(tmp_path, monkeypatch) -> Path:
+    """An empty model store in tmp_path (EDGE_MODEL_STORE), runtime home beside it."""
+    monkeypatch.setenv("EDGE_RUNTIME_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EDGE_MODEL_STORE", str(tmp_path / "models"))
+    return tmp_path / "models"
+
+
+def test_store_locations_follow_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGE_MODEL_STORE", raising=False)
+    monkeypatch.setenv("EDGE_RUNTIME_HOME", str(tmp_path / "h"))
+    assert store.store_dir() == tmp_path / "h" / "models"
+    monkeypatch.setenv("EDGE_MODEL_STORE", str(tmp_path / "m"))
+    assert store.store_dir() == tmp_path / "m" and store.runtime_home() == tmp_path / "h"
+
+
+def test_resolve_model_by_path_and_by_store_name(model_store, tmp_path):
+    by_path = noop_bundle(tmp_path / "anywhere" / "b1")
+    assert store.resolve_model(str(by_path)) == by_path
+    named = noop_bundle(model_store / "line3")
+    assert store.resolve_model("line3") == named and store.list_models() == ["line3"]
+    with pytest.raises(BundleError, match=r"unknown model 'nope'.*has: line3.*cfm-tiny"):
+        store.resolve_model("nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="not a model bundle"):
+        store.resolve_model(str(tmp_path / "empty"))
+
+
+def test_bundle_info_reports_name_hash_and_calibration(tmp_path):
+    info = store.bundle_info(noop_bundle(tmp_path / "b"))
+    assert info["model"] == "cfm-noop-test" and len(info["bundle_hash"]) == 64 and info["calibrated"] is True
+    assert store.bundle_info(noop_bundle(tmp_path / "u", thresholds=None))["calibrated"] is False
+
+
+def _fake_tool(calls):
+    """Stand-in for the edge-train / edge-calibrate subprocesses: writes what they would."""
+
+    def run_tool(cmd, what, log):
+        calls.append(what)
+        args = dict(zip(cmd[3::2], cmd[4::2]))
+        if what == "edge-train":
+            out = Path(args["--out"])
+            out.mkdir(parents=True)
+            weights = b"weights"
+            (out / "model.safetensors").write_bytes(weights)
+            files = {"model.safetensors": {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)}}
+            (out / "manifest.json").write_text(json.dumps({
+                "schema_version": 1, "method": "cfm", "variant": "tiny", "config": {}, "files": files,
+                "thresholds": None, "training": {"category": args["--category"]}}))
+        else:
+            from edge_runtime.bundle import update_manifest
+
+            update_manifest(args["--model"], thresholds={"image": 0.3, "pixel": 0.2})
+
+    return run_tool
+
+
+def test_demo_bundle_is_built_once_atomically_and_labelled(model_store, monkeypatch):
+    calls, generated = [], []
+    monkeypatch.setattr(store, "_run_tool", _fake_tool(calls))
+    monkeypatch.setattr("edge_runtime.data.synth.generate_dataset",
+                        lambda out, **kw: generated.append(kw) or Path(out).mkdir(parents=True))
+    logs = []
+    path = store.resolve_model("cfm-tiny", log=logs.append)
+    assert path == model_store / "cfm-tiny" and calls == ["edge-train", "edge-calibrate"]
+    assert generated[0]["categories"] == [store.DEMO_SYNTH["category"]] and generated[0]["size"] == store.DEMO_SYNTH["size"]
+    info = store.bundle_info(path)
+    assert info["calibrated"] and info["demo"]["label"] == store.DEMO_LABEL
+    assert info["demo"]["synth"] == store.DEMO_SYNTH
+    assert any("building it once" in line for line in logs)
+    assert store.resolve_model("cfm-tiny") == path and calls == ["edge-train", "edge-calibrate"]  # cached
+    assert not [p for p in model_store.iterdir() if p.name.startswith(".build-")]
+
+
+def test_failed_demo_build_leaves_nothing_half_built(model_store, monkeypatch):
+    def failing(cmd, what, log):
+        Path(dict(zip(cmd[3::2], cmd[4::2]))["--out"]).mkdir(parents=True)
+        raise BundleError(f"building the demo bundle failed: {what} exited with status 2 (its output is above)")
+
+    monkeypatch.setattr(store, "_run_tool", failing)
+    monkeypatch.setattr("edge_runtime.data.synth.generate_dataset", lambda out, **kw: Path(out).mkdir(parents=True))
+    with pytest.raises(BundleError, match="edge-train exited with status 2"):
+        store.resolve_model("cfm-small", log=lambda s: None)
+    assert sorted(p.name for p in model_store.iterdir()) == [".demo-data", ".lock"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--frames", "0"], "--frames must be >= 1"),
+    (["--fps", "-3"], "--fps must be > 0"),
+    (["--station", "line.1"], "station id"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+])
+def test_bad_arguments_exit_2_with_the_reason(model_store, capsys, argv, message):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gen_keys_writes_a_curve_key_pair(tmp_path, capsys):
+    assert cli.main(["--gen-keys", str(tmp_path / "keys")]) == 0
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["edge.key", "edge.key_secret"]
+    assert "edge.key_secret" in capsys.readouterr().out
+    assert cli.main(["--gen-keys", str(tmp_path / "keys")]) == 2  # never overwrites keys
+
+
+def _cli(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "edge_runtime.cli.run", "--model", str(noop_bundle(tmp_path / "bundle")),
+            "--backend", "noop", "--alerts", f"tcp://127.0.0.1:{free_port()}",
+            "--replay-endpoint", f"tcp://127.0.0.1:{free_port()}", "--journal", str(tmp_path / "j.sqlite"),
+            "--category", "puck", *extra]
+
+
+def test_cli_run_prints_summary_and_writes_stats_json(tmp_path):
+    stats = tmp_path / "stats.json"
+    proc = subprocess.run(_cli(tmp_path, "--frames", "12", "--stats-json", str(stats), "--json", "-"),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary == json.loads(stats.read_text())
+    assert summary["frames"]["captured"] == 12 and summary["invariant"]["holds"] is True
+    assert {"throughput_fps", "latency_ms", "run_id", "bundle_hash", "config", "worker_restarts"} <= summary.keys()
+    assert summary["config"]["frames"] == 12 and summary["config"]["backend"] == "noop"
+    assert "edge-run summary" in proc.stderr and "loss accounting: captured 12 =" in proc.stderr
+
+
+def test_sigterm_stops_a_live_run_promptly_and_cleanly(tmp_path):
+    proc = subprocess.Popen(_cli(tmp_path, "--fps", "20"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = threading.Event()
+    err_lines: list[str] = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            err_lines.append(line)
+            if "started:" in line:
+                started.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(120), "".join(err_lines)
+        time.sleep(1.0)  # let some frames through
+        stages = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_child_of(p, proc.pid)]
+        assert len(stages) == 4  # capture, preprocess, worker, alert
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(err_lines)
+    assert "stopped by signal" in out and "[holds]" in out
+    captured = int(out.split("loss accounting: captured ")[1].split()[0])
+    assert captured >= 5
+    time.sleep(0.5)
+    assert not [pid for pid in stages if Path(f"/proc/{pid}").exists()]  # no stage left behind
+
+
+def _is_child_of(proc_dir: Path, pid: int) -> bool:
+    """True if the /proc entry is a stage process (multiprocessing spawn) whose parent is ``pid``."""
+    try:
+        stat = (proc_dir / "stat").read_text()
+        cmdline = (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline
