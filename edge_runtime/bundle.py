@@ -222,8 +222,12 @@ def build_model(bundle: Bundle) -> CFMModel:
         cfg = CFMConfig.from_dict(bundle.manifest["config"])
     except (TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.path / MANIFEST}: invalid config ({exc})") from None
-    model = CFMModel(cfg)
-    missing, unexpected = model.load_state_dict(bundle.state_dict, strict=False)
+    with torch.device("meta"):  # no random init: every tensor comes from the bundle
+        model = CFMModel(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(bundle.state_dict, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise BundleError(f"{bundle.path / WEIGHTS}: weights do not fit the config ({exc})") from None
     if missing or unexpected:
         raise BundleError(f"{bundle.path / WEIGHTS}: weights do not fit the config "
                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")

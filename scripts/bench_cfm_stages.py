@@ -8,7 +8,7 @@ frames after ``--warmup`` untimed ones, the p50 / p95 end-to-end frame time and 
 number of valid 3D points the model saw.
 
     python scripts/bench_cfm_stages.py --variants tiny small medium full --frames 5
-    python scripts/bench_cfm_stages.py --variants tiny --mapper-resolution 56 --num-groups 256 --group-size 32
+    python scripts/bench_cfm_stages.py --variants tiny small medium full --profile cpu --frames 5
 
 Prints a markdown table (and writes JSON with ``--json``).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -24,15 +25,15 @@ import torch
 
 from edge_runtime.backends.torch_backend import TorchDetector
 from edge_runtime.data.synth import SynthStation
-from edge_runtime.models.cfm import STAGES, CFMModel, cfm_config, count_parameters
+from edge_runtime.models.cfm import PROFILES, STAGES, CFMModel, cfm_config, count_parameters
 
 
 def bench_variant(variant: str, frames: list, args: argparse.Namespace) -> dict:
     """Median ms per stage of one variant over ``frames`` (list of (rgb, xyz))."""
-    overrides = {"resolution": args.resolution, "num_groups": args.num_groups, "group_size": args.group_size}
-    if args.mapper_resolution:
-        overrides["mapper_resolution"] = args.mapper_resolution
-    cfg = cfm_config(variant, **overrides)
+    overrides = {k: v for k, v in (("resolution", args.resolution), ("num_groups", args.num_groups),
+                                   ("group_size", args.group_size),
+                                   ("mapper_resolution", args.mapper_resolution)) if v is not None}
+    cfg = cfm_config(variant, args.profile, **overrides)
     torch.manual_seed(0)
     model = CFMModel(cfg)
     manifest = {"preprocessing": {"resolution": cfg.resolution, "clean": True}}
@@ -69,9 +70,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=400, help="synthetic camera image side (px)")
     p.add_argument("--category", default="puck", help="synthetic part")
     p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--mapper-resolution", type=int, default=None)
-    p.add_argument("--num-groups", type=int, default=1024)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--profile", choices=list(PROFILES), default="paper", help="cfm_config speed profile")
+    p.add_argument("--mapper-resolution", type=int, default=None, help="override the profile's")
+    p.add_argument("--num-groups", type=int, default=None, help="override the profile's")
+    p.add_argument("--group-size", type=int, default=None, help="override the profile's")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -79,10 +81,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     station = SynthStation(args.size, seed=0, categories=[args.category])
     frames = [(s.rgb, s.xyz) for s in (station.render(args.category, i, "test") for i in range(args.frames))]
+    load_before = os.getloadavg()[0]
     rows = [bench_variant(v, frames, args) for v in args.variants]
+    load_after = os.getloadavg()[0]
     stages = ["preprocess", *STAGES]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.resolution} px, "
-          f"synthetic {args.category} {args.size} px, {args.frames} frames (median ms per stage)\n")
+          f"synthetic {args.category} {args.size} px, profile {args.profile}, {args.frames} frames (median ms "
+          f"per stage), load average {load_before:.1f} -> {load_after:.1f}\n")
     print("| variant | groups x size | mapper grid | valid pts | " + " | ".join(stages)
           + " | frame p50 | frame p95 | fps |")
     print("|---" * (len(stages) + 7) + "|")
@@ -95,7 +100,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
-                       "rows": rows}, f, indent=2)
+                       "load_average": [load_before, load_after], "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Same frames (synthetic station, preprocessed once by ``cfm_preprocess`` at 224),
 machine, same run, random weights on both sides (no pretrained file can be had
 offline), model forward only (decoded + preprocessed tensors in, score and map out).
 anomalib has no pruned variants, so both of ours are compared against its full model.
+Ours runs twice: with the paper's settings (1024 groups x 128 points, mappers on the full
+grid) and with the ``cpu`` profile (256 x 32, mappers on a 56 x 56 grid).
 
 anomalib needs a torch/torchvision pair that the project's own venv does not carry,
 so this runs in a separate venv that has anomalib and sees this repo on PYTHONPATH:
@@ -80,9 +82,11 @@ def main() -> None:
         theirs = anomalib_cfm()
         rows["anomalib CFM (full)"] = time_frames(
             lambda rgb, xyz: theirs(rgb, xyz.permute(0, 3, 1, 2).contiguous()), inputs)
-        for variant in ("full", "tiny"):
-            ours = CFMModel(cfm_config(variant)).eval()
-            rows[f"edge_runtime cfm-{variant}"] = time_frames(lambda rgb, xyz: ours(rgb, xyz), inputs)
+        for profile in ("paper", "cpu"):
+            for variant in ("full", "tiny"):
+                ours = CFMModel(cfm_config(variant, profile=profile)).eval()
+                rows[f"edge_runtime cfm-{variant}, {profile} profile"] = time_frames(
+                    lambda rgb, xyz: ours(rgb, xyz), inputs)
     base = statistics.median(rows["anomalib CFM (full)"])
     print(f"torch {torch.__version__}, {args.threads} threads, {args.frames} frames at 224")
     print("| model | median ms/frame | speed-up vs anomalib |")

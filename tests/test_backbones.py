@@ -28,7 +28,13 @@ from edge_runtime.models.pointmae import (
 )
 from edge_runtime.models.vit import ViTExtractor
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Extractors are frozen: run every test here without autograd (scoped to this module)."""
+    with torch.no_grad():
+        yield
 
 SMALL_VIT = dict(embed_dim=64, num_heads=4, img_size=64)
 SMALL_PMAE = dict(num_groups=32, group_size=16, trans_dim=48)

@@ -166,3 +166,14 @@ def test_torch_backend_infer_matches_model(saved):
     assert single.score == pytest.approx(results[1].score, rel=1e-5)
     with pytest.raises(DataError, match="shape"):
         det.infer({"rgb": rgb[0].numpy()[:, :8], "xyz": xyz[0].numpy()})
+
+
+def test_weights_that_do_not_fit_the_config(saved):
+    path, _ = saved
+    bundle = load_bundle(path)
+    bundle.manifest["config"] = cfm_config("small", **SMALL).to_dict()  # 1152-d 3D features, 4 blocks
+    with pytest.raises(BundleError, match="do not fit the config"):
+        build_model(bundle)
+    bundle.manifest["config"] = {"variant": "tiny", "colour": "blue"}
+    with pytest.raises(BundleError, match="invalid config"):
+        build_model(bundle)

@@ -27,7 +27,8 @@ Pipeline (REFERENCE.md section 2; the paper's section 3):
    (``aggregation``: product (paper, Table 6), sum, max, 2d, 3d), then smoothed
    (``smoothing``: "gaussian" with ``sigma`` = 4 px at 224 (paper), scaled by R/224; or
    "box" = the released code's 5 passes of a 5 x 5 and 3 passes of a 7 x 7 box filter,
-   kernel sizes scaled by R/224 (odd, >= 3); reflect padding for both). Image score = max of the map.
+   kernel sizes scaled by R/224 (odd, >= 3); reflect padding for both).
+   Image score = max of the map.
 
 Training (``loss``): per direction 1 - cosine similarity between predicted and observed
 features, averaged over pixels that have a 3D point; the two directions are summed

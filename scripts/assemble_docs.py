@@ -1,0 +1,48 @@
+"""Assemble docs/benchmarks.md and docs/results.md from the per-area parts in docs/_parts/.
+
+    python scripts/assemble_docs.py
+"""
+
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PARTS = DOCS / "_parts"
+
+BENCH = [
+    ("benchmarks_cfm.md", "CFM per-stage inference and training"),
+    ("bench_anomalib.md", "CFM against anomalib's CFM"),
+    ("backbones.md", "Extractors (ViT-B/8, Point-MAE)"),
+    ("benchmarks_deploy.md", "Backends: torch vs ONNX Runtime"),
+    ("benchmarks_pipeline.md", "Pipeline (edge-run)"),
+    ("benchmarks_alerts.md", "Alert path"),
+    ("benchmarks_metrics.md", "Metrics"),
+]
+RESULTS = [("results.md", "CFM on the synthetic station")]
+
+HEAD = """# {title}
+
+Every figure comes with the command that made it. Machine unless stated: a 2-core x86-64
+CPU (AMD EPYC), 24 GiB, no GPU; torch 2.13.0 CPU. No GPU was available while these were
+measured, so there are no GPU rows yet: the CUDA paths are written and gated on
+availability but have not run (see docs/deploy.md).
+"""
+
+
+def body(name: str) -> str:
+    lines = (PARTS / name).read_text().strip().splitlines()
+    if lines and lines[0].startswith("#"):
+        lines = lines[1:]
+    return "\n".join("#" + l if l.startswith("#") else l for l in lines).strip()
+
+
+def assemble(out: str, title: str, parts) -> None:
+    text = [HEAD.format(title=title)]
+    for name, section in parts:
+        if (PARTS / name).exists():
+            text.append(f"## {section}\n\n{body(name)}\n")
+    (DOCS / out).write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    assemble("benchmarks.md", "Benchmarks", BENCH)
+    assemble("results.md", "Results", RESULTS)
