@@ -68,7 +68,7 @@ class TrainSettings:
     epochs: int = 250
     batch_size: int = 4
     lr: float = 1e-3
-    pixels_per_image: int | None = 1024
+    pixels_per_image: int | None = 256
     cache_mb: float = 2048.0
     seed: int = 0
 

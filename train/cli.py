@@ -2,7 +2,7 @@
 
     edge-train --method cfm --variant tiny --data DIR --category C --out BUNDLE
                [--shots N] [--shot-mode first|random] [--epochs 250] [--batch-size 4]
-               [--lr 1e-3] [--pixels-per-image 1024|all] [--resolution 224]
+               [--lr 1e-3] [--pixels-per-image 256|all] [--resolution 224]
                [--profile paper|cpu] [--mapper-resolution M] [--num-groups G] [--group-size K]
                [--cache-mb 2048] [--device cpu|cuda] [--threads N]
                [--backbone-2d FILE] [--backbone-3d FILE] [--seed 0] [--json FILE|-]
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=250, help="epochs (paper: 250)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step (paper: 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--pixels-per-image", type=_pixels, default=1024,
-                   help="valid pixels drawn per image per step, or 'all' (default 1024)")
+    p.add_argument("--pixels-per-image", type=_pixels, default=256,
+                   help="valid pixels drawn per image per step, or 'all' (default 256)")
     p.add_argument("--resolution", type=int, default=224, help="input side in pixels (paper: 224)")
     p.add_argument("--profile", choices=list(PROFILES), default="paper",
                    help="speed defaults: paper (1024 groups x 128 points, mappers on the full grid) or cpu "

@@ -19,7 +19,8 @@ class Sample:
            for good parts without a mask file.
     label: 0 good, 1 defective.
     defect_type: "good" or the defect folder name.
-    category, split, stem: where it came from (split is train / validation / test).
+    category, split, stem: where it came from (split is train / validation / test, or
+           "stream" for frames of the synthetic camera).
     paths: file paths by kind ("rgb", "xyz", "gt"), absent kinds omitted.
     """
 

@@ -395,6 +395,9 @@ def _infer_loop(io: _StageIO, cfg: RunConfig) -> None:
     link = io.socket(zmq.DEALER, connect=io.links.pre, identity=io.name.encode(), max_msg=2 * cfg.max_frame_bytes)
     sink = io.socket(zmq.PUSH, connect=io.links.sink)
     thresholds = det.manifest.get("thresholds")
+    selection = getattr(det, "selection", None)  # set by --backend auto: say what it chose and why
+    if selection is not None and io.name.startswith("infer0."):
+        io.tell("log", text=selection.explain())
     io.tell("hello", detector=det.name, calibrated=bool((thresholds or {}).get("image") is not None))
     link.send(pack_msg("credit", n=cfg.batch, done=[]))
     poller = zmq.Poller()
