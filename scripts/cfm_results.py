@@ -8,7 +8,8 @@ accuracy (REFERENCE.md section 2 is printed beside them for orientation only).
 
 Sections (``--sections``):
 
-- ``variants``: tiny / small / medium / full on every category.
+- ``variants``: tiny / small / medium / full on every category, beside a model-free
+  baseline map (the object mask) that shows what finding the part alone scores.
 - ``ablation``: the aggregation ablation (product / sum / max / 2d / 3d) of one variant,
   re-scoring the ``variants`` bundles (``edge-eval --aggregation``; no retraining).
 - ``fewshot``: 5 / 10 / 50 training shots (first N) of one variant on one category.
@@ -78,6 +79,30 @@ def row(label: str, reports: list[dict], extra: str = "") -> str:
     return f"| {label} | {cells} | {ms:.0f} |{extra}"
 
 
+def mask_baseline(data: Path, categories: list[str], resolution: int = 224) -> list[dict]:
+    """Reports of a model-free map: 1 on every pixel with a 3D point after ``cfm_preprocess``,
+    0 elsewhere, smoothed as CFM smooths. It shows what "localising the part" alone scores,
+    since CFM maps are zero off the part by construction."""
+    import numpy as np
+    import torch
+
+    from edge_runtime.data.depth import cfm_gt, cfm_preprocess
+    from edge_runtime.data.mvtec import MVTec3D
+    from edge_runtime.models.cfm import cfm_config, smooth
+    from edge_runtime.report import evaluate
+
+    cfg = cfm_config("tiny", resolution=resolution)
+    reports = []
+    for c in categories:
+        samples = list(MVTec3D(data).samples(c, "test"))
+        masks = np.stack([(cfm_preprocess(s.rgb, s.xyz, resolution)["xyz"] != 0).any(-1) for s in samples])
+        maps = smooth(torch.from_numpy(masks.astype(np.float32)), cfg).numpy()
+        reports.append(evaluate(c, "mask", "", maps.reshape(len(maps), -1).max(1), [s.label for s in samples],
+                                maps, np.stack([cfm_gt(s.gt, resolution) for s in samples]),
+                                [s.defect_type for s in samples]))
+    return reports
+
+
 def synth(args, log, out: Path, categories: list[str], n_train: int) -> Path:
     if not out.is_dir():
         run(["edge-synth", "--out", str(out), "--size", str(args.size), "--seed", "0", "--categories", *categories,
@@ -125,6 +150,9 @@ def main() -> None:
                  "(I / P / AUPRO@30 / AUPRO@1)", "", header + " paper |", rule + "---|"]
         for v, reps in per_variant.items():
             lines.append(row(f"cfm-{v}", reps, " " + " / ".join(f"{x:.3f}" for x in PAPER[v]) + " |"))
+        baseline = mask_baseline(data, args.categories)
+        lines.append("| object mask, no model | " + " | ".join(f"{mean(baseline, k):.3f}" for k in METRICS)
+                     + " | - | - |")
         lines += ["", "Per category I-AUROC:", "",
                   "| variant | " + " | ".join(args.categories) + " |", "|---" * (len(args.categories) + 1) + "|"]
         for v, reps in per_variant.items():

@@ -60,6 +60,12 @@ def test_config_overrides_and_validation():
     cfg = cfm_config("small", resolution=112)
     assert cfg.mapper_resolution == 112  # follows the resolution unless given
     assert cfm_config("small", resolution=112, mapper_resolution=56).mapper_resolution == 56
+    cpu = cfm_config("full", "cpu")
+    assert (cpu.num_groups, cpu.group_size, cpu.mapper_resolution, cpu.vit_depth) == (256, 32, 56, 12)
+    assert cfm_config("tiny", "cpu", resolution=112).mapper_resolution == 28
+    assert cfm_config("tiny", "cpu", mapper_resolution=224).mapper_resolution == 224  # overrides win
+    with pytest.raises(ValueError, match="unknown CFM profile"):
+        cfm_config("tiny", "gpu")
     with pytest.raises(ValueError, match="unknown CFM variant"):
         cfm_config("huge")
     with pytest.raises(ValueError, match="aggregation"):
