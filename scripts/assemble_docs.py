@@ -32,7 +32,12 @@ def body(name: str) -> str:
     lines = (PARTS / name).read_text().strip().splitlines()
     if lines and lines[0].startswith("#"):
         lines = lines[1:]
-    return "\n".join("#" + l if l.startswith("#") else l for l in lines).strip()
+    out, fenced = [], False
+    for line in lines:  # demote headings one level, leaving code blocks alone
+        if line.startswith("```"):
+            fenced = not fenced
+        out.append("#" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(out).strip()
 
 
 def assemble(out: str, title: str, parts) -> None:
