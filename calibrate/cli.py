@@ -18,14 +18,14 @@ Runs the bundle's detector over every image of one split of one category, then
 
 The result is written into the bundle's manifest (``thresholds`` and ``normalisation``)
 via ``edge_runtime.bundle.update_manifest``. Exit status: 0 done, 2 refused (too few
-good images for the rate, bad data, bad bundle); the message says why.
+good images for the rate, bad data, bad bundle), 1 a failure while scoring; the message
+says why.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -39,24 +39,13 @@ from calibrate.thresholds import (
     order_statistic_rank,
     quantile_threshold,
 )
-from edge_runtime.backends.base import Detector, load_detector
+from edge_runtime import methods
+from edge_runtime.backends import CHOICES, Detector, load_detector
 from edge_runtime.bundle import update_manifest
+from edge_runtime.outputs import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, add_json_flag, write_json
+from edge_runtime.pipeline.store import resolve_model
 from edge_runtime.data.mvtec import MVTec3D, SampleRef
 from edge_runtime.errors import DataError, EdgeError
-
-
-def valid_pixels(inputs: dict[str, np.ndarray], amap: np.ndarray) -> np.ndarray:
-    """bool mask of the pixels of ``amap`` (R x R) that lie on the object: where the
-    preprocessed cloud ``inputs["xyz"]`` (R x R x 3 metres, zeros = no point) has a
-    point; every pixel when the inputs carry no cloud of that size (RGB-only)."""
-    xyz = inputs.get("xyz")
-    if xyz is not None:
-        xyz = np.asarray(xyz)
-        if xyz.ndim == 4 and xyz.shape[0] == 1:  # a batch-1 cloud
-            xyz = xyz[0]
-        if xyz.shape[:2] == amap.shape and xyz.shape[-1] == 3:
-            return np.any(xyz != 0, axis=-1)
-    return np.ones(amap.shape, dtype=bool)
 
 
 def split_refs(data: Path, category: str, split: str, target_fpr: float) -> list[SampleRef]:
@@ -76,6 +65,7 @@ def score_split(det: Detector, refs: list[SampleRef], progress: bool = True
     """Run ``det`` over ``refs``: (image scores float64 [n], labels int [n] 0 good / 1
     defective, good images' valid-pixel scores float32 [m]) in score units."""
     scores, labels, good_pixels = [], [], []
+    method = methods.for_manifest(det.manifest)
     for ref in tqdm(refs, desc="scoring", disable=not progress, unit="img"):
         sample = ref.load()
         try:
@@ -87,7 +77,8 @@ def score_split(det: Detector, refs: list[SampleRef], progress: bool = True
         scores.append(result.score)
         labels.append(ref.label)
         if ref.label == 0:
-            good_pixels.append(np.asarray(result.amap, np.float32)[valid_pixels(inputs, result.amap)])
+            valid = method.valid_mask(inputs, result.amap.shape, det.manifest)
+            good_pixels.append(np.asarray(result.amap, np.float32)[valid])
     pixels = np.concatenate(good_pixels) if good_pixels else np.zeros(0, np.float32)
     return np.asarray(scores, np.float64), np.asarray(labels, np.int64), pixels
 
@@ -162,24 +153,25 @@ def _summary(t: dict, backend: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``edge-calibrate``."""
     p = argparse.ArgumentParser(prog="edge-calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model bundle directory")
+    p.add_argument("--model", required=True, help="bundle directory or model-store name")
     p.add_argument("--data", required=True, type=Path, help="dataset root (MVTec 3D-AD layout)")
-    p.add_argument("--category", required=True)
+    p.add_argument("--category", required=True, help="category whose split is scored")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="false-reject rate on good parts to calibrate for (default 0.01; needs >= 99 good images)")
-    p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
-    p.add_argument("--backend", default="torch", help="torch | onnxruntime | tensorrt | auto")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--json", metavar="FILE|-", help="write the result as JSON to FILE, or stdout with -")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                   help="split whose good images set the thresholds (default validation)")
+    p.add_argument("--backend", default="torch", choices=CHOICES, help="inference backend (default torch)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_json_flag(p, "the thresholds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``edge-calibrate``; returns the exit status (0 written, 2 refused)."""
+    """Entry point of ``edge-calibrate``; returns the exit status (0 written, 2 refused, 1 failed)."""
     args = build_parser().parse_args(argv)
     try:
-        bundle = Path(args.model)
+        bundle = resolve_model(args.model, build=False)
         refs = split_refs(args.data, args.category, args.split, args.target_fpr)
         det = load_detector(bundle, backend=args.backend, device=args.device)
         scores, labels, pixels = score_split(det, refs, progress=not args.quiet)
@@ -187,18 +179,16 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.split, args.category)
     except (CalibrationError, EdgeError, ValueError) as exc:
         print(f"edge-calibrate: refused: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (RuntimeError, OSError) as exc:
+        print(f"edge-calibrate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     thresholds["backend"] = det.name
     update_manifest(bundle, thresholds=thresholds, normalisation=normalisation)
     out = {"bundle": str(bundle), "thresholds": thresholds, "normalisation": normalisation}
     print(_summary(thresholds, det.name), file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        text = json.dumps(out, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    return 0
+    write_json(args.json, out)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

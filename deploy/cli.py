@@ -3,8 +3,8 @@
     edge-deploy --model BUNDLE --target onnx|tensorrt [--precision fp32|fp16]
                 [--device cuda[:N]] [--opset 17] [--check-frames N] [--json FILE|-]
 
---target onnx: exports the ViT, the Point-MAE dense part and both mappers to
-``BUNDLE/engines/onnx/*.onnx`` (``deploy.onnx_export``), records them in
+--target onnx: exports the method's dense parts (``Method.dense_parts``: for CFM the ViT,
+the Point-MAE dense part and both mappers) to ``BUNDLE/engines/onnx/*.onnx`` (``deploy.onnx_export``), records them in
 manifest["engines"]["onnx"] and checks onnxruntime (CPU; CUDA too when this onnxruntime
 has the CUDA execution provider) against PyTorch FP32.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,11 +40,22 @@ from deploy.onnx_export import MIN_OPSET, export_onnx
 from deploy.parity import format_parity, random_frames, run_parity
 from edge_runtime.backends import onnx_backend, tensorrt_backend, torch_backend
 from edge_runtime.backends.engine_keys import find_engine
-from edge_runtime.bundle import WEIGHTS, build_model, load_bundle, read_manifest, update_manifest
+from edge_runtime.bundle import (
+    WEIGHTS,
+    build_model,
+    export_is_current,
+    load_bundle,
+    method_of,
+    read_manifest,
+    update_manifest,
+)
 from edge_runtime.data.synth import CATEGORIES, DEFECT_TYPES, SynthStation
 from edge_runtime.errors import EdgeError
+from edge_runtime.outputs import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, add_json_flag, write_json
+from edge_runtime.pipeline.store import resolve_model
 
-EXIT_OK, EXIT_REFUSED, EXIT_PARITY = 0, 2, 3
+EXIT_REFUSED = EXIT_USAGE
+EXIT_PARITY = 3  # the export was made but failed its parity check (recorded in the bundle)
 Log = Callable[[str], None]
 
 
@@ -55,6 +65,11 @@ class MissingRequirement(EdgeError):
     def __init__(self, message: str, missing: list[str]):
         super().__init__(message)
         self.missing = missing
+
+
+def frame_size(manifest: dict) -> int:
+    """Side of the parity-check frames: the model's input resolution when it has one."""
+    return int((manifest.get("config") or {}).get("resolution") or 224)
 
 
 def check_frames(n: int, resolution: int, seed: int = 0) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
@@ -84,8 +99,12 @@ def parity_block(reference, candidate, frames: dict, precision: str, thresholds:
 
 def _onnx_fresh(manifest: dict) -> bool:
     """True when the bundle's ONNX export was made from its current weights."""
-    entry = (manifest.get("engines") or {}).get("onnx")
-    return bool(entry) and entry.get("weights_sha256") == manifest["files"][WEIGHTS]["sha256"]
+    return export_is_current(manifest, (manifest.get("engines") or {}).get("onnx"))
+
+
+def _method_cfg(manifest: dict):
+    method = method_of(manifest)
+    return method, method.config_from_dict(manifest["config"])
 
 
 def deploy_onnx(bundle_dir: Path, opset: int, log: Log = print) -> dict:
@@ -96,12 +115,14 @@ def deploy_onnx(bundle_dir: Path, opset: int, log: Log = print) -> dict:
     if _onnx_fresh(bundle.manifest) and current.get("opset") == opset:
         log(f"ONNX export of these weights at opset {opset} exists: reusing it (parity re-checked)")
         return current
-    entry = export_onnx(build_model(bundle), bundle_dir, bundle.manifest["files"][WEIGHTS]["sha256"], opset)
+    method, cfg = _method_cfg(bundle.manifest)
+    entry = export_onnx(build_model(bundle), method, cfg, bundle_dir, bundle.manifest["files"][WEIGHTS]["sha256"],
+                        opset)
     engines = dict(bundle.manifest.get("engines") or {})
     engines["onnx"] = entry
     update_manifest(bundle_dir, files=[p["file"] for p in entry["parts"].values()], engines=engines)
     log(f"exported {len(entry['parts'])} dense parts (opset {opset}); "
-        "FPS, KNN, interpolation and scoring stay in PyTorch")
+        "the data-dependent steps and the scoring stay in PyTorch")
     for path, part in entry["parts"].items():
         log(f"  {path:18s} -> {part['file']}  inputs {part['inputs']}  "
             f"LayerNormalization ops {part['ops'].get('LayerNormalization', 0)}  "
@@ -136,7 +157,7 @@ def run_onnx(args, bundle_dir: Path, log: Log) -> tuple[int, dict]:
     entry = deploy_onnx(bundle_dir, args.opset, log)
     manifest = read_manifest(bundle_dir)
     reference = torch_backend.load(bundle_dir, device="cpu")
-    frames = check_frames(args.check_frames, reference.resolution)
+    frames = check_frames(args.check_frames, frame_size(manifest))
     parity = {}
     for device in ("cpu", "cuda"):  # ONNX Runtime CUDA whenever this onnxruntime has it
         try:
@@ -175,25 +196,25 @@ def run_tensorrt(args, bundle_dir: Path, log: Log) -> tuple[int, dict]:
         log("no ONNX export from the current weights: exporting first")
         deploy_onnx(bundle_dir, args.opset, log)
     manifest = read_manifest(bundle_dir)
-    cfg = build_model(load_bundle(bundle_dir)).cfg
+    method, cfg = _method_cfg(manifest)
     device = torch.device(args.device)
-    target = tensorrt_backend.current_target(cfg, precision, device, trt.__version__)
+    target = tensorrt_backend.current_target(method, cfg, precision, device, trt.__version__)
     engines = dict(manifest.get("engines") or {})
     cached, reasons = find_engine(engines, target)
-    if cached and cached.get("weights_sha256") == manifest["files"][WEIGHTS]["sha256"]:
+    if cached and export_is_current(manifest, cached):
         name, entry = "tensorrt/" + cached["key"], cached
         log(f"reusing the TensorRT engine cached for this machine: {name}")
     else:
         why = reasons if cached is None else ["cached engine was built from other weights"]
         log(f"building TensorRT {precision} engines for {target.gpu_name} (sm {target.compute_capability}, "
               f"TensorRT {target.tensorrt_version}); cached engines do not apply: " + " | ".join(why))
-        name, entry = build_engines(bundle_dir, engines["onnx"], cfg, target)
+        name, entry = build_engines(bundle_dir, engines["onnx"], method, cfg, target)
         engines[name] = entry
         update_manifest(bundle_dir, files=[p["file"] for p in entry["parts"].values()], engines=engines)
         log(f"  built {name}: " + ", ".join(f"{p} {e['bytes'] / 1e6:.1f} MB ({e['fp32_layers']} layers kept FP32)"
                                             for p, e in entry["parts"].items()))
     reference = torch_backend.load(bundle_dir, device="cpu")
-    frames = check_frames(args.check_frames, reference.resolution)
+    frames = check_frames(args.check_frames, frame_size(manifest))
     cand = tensorrt_backend.load(bundle_dir, device=str(device), precision=precision)
     parity = {cand.name: parity_block(reference, cand, frames, precision, manifest.get("thresholds"), log)}
     _record_parity(bundle_dir, name, parity)
@@ -207,16 +228,17 @@ def run_tensorrt(args, bundle_dir: Path, log: Log) -> tuple[int, dict]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``edge-deploy``."""
     p = argparse.ArgumentParser(prog="edge-deploy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, type=Path, help="model bundle directory")
-    p.add_argument("--target", required=True, choices=["onnx", "tensorrt"])
+    p.add_argument("--model", required=True, help="bundle directory or model-store name")
+    p.add_argument("--target", required=True, choices=["onnx", "tensorrt"],
+                   help="onnx: portable export + parity; tensorrt: FP16/FP32 engines for this GPU + parity")
     p.add_argument("--precision", choices=["fp32", "fp16"], help="onnx: fp32 only; tensorrt: default fp16")
     p.add_argument("--device", default=None,
-                   help="tensorrt: the CUDA device to build for (default cuda); onnx: ignored (CPU always, "
-                        "CUDA checks whenever available)")
+                   help="cpu or cuda[:N]; tensorrt: the CUDA device to build for (default cuda); onnx: ignored "
+                        "(parity on cpu always, cuda too whenever available)")
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default)")
     p.add_argument("--check-frames", type=int, default=8,
                    help="frames per parity set (random and synthetic; default 8)")
-    p.add_argument("--json", metavar="FILE|-", help="write the result as JSON to FILE, or stdout with -")
+    add_json_flag(p, "the deployment result")
     return p
 
 
@@ -231,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check_frames < 2:
             raise ValueError("--check-frames must be >= 2 (rank agreement needs two frames)")
+        args.model = resolve_model(args.model, build=False)
         read_manifest(args.model)
         code, result = (run_onnx if args.target == "onnx" else run_tensorrt)(args, args.model, log)
         out.update(result)
@@ -241,12 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     except (EdgeError, ValueError) as exc:
         print(f"edge-deploy: refused: {exc}", file=sys.stderr)
         code, out["error"] = EXIT_REFUSED, str(exc)
-    if args.json:
-        text = json.dumps({"bundle": str(args.model), "exit_code": code, **out}, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+    except (RuntimeError, OSError) as exc:
+        print(f"edge-deploy: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code, out["error"] = EXIT_RUNTIME, str(exc)
+    write_json(args.json, {"bundle": str(args.model), "exit_code": code, **out})
     return code
 
 

@@ -4,14 +4,14 @@ What is exported (``edge_runtime.backends.engine_keys.part_specs``): the ViT 2D
 extractor (static ``1 x 3 x R x R``), the Point-MAE dense part (static
 ``1 x G x K x 3`` + ``1 x G x 3``) and the two mappers (dynamic pixel count ``N``).
 Grouping (FPS, KNN), 3-NN interpolation, scatter and smoothing have data-dependent
-shapes and stay in PyTorch (REFERENCE.md section 6).
+shapes and stay in PyTorch (docs/methods.md, deployment).
 
 Exporter: ``torch.onnx.export(..., dynamo=False)`` (the TorchScript tracer). It needs no
 extra package (the dynamo exporter needs ``onnxscript``), works on every torch 2.x this
 project supports (deprecated upstream since 2.9: re-check when upgrading torch), folds
 constants (Point-MAE's BatchNorm folding becomes constant weights) and at opset >= 17 emits
 ``LayerNormalization`` as one op, which TensorRT can keep in FP32 (a decomposed
-LayerNorm overflows in FP16 inside ViTs; REFERENCE.md section 6). Opset < 17 is refused.
+LayerNorm overflows in FP16 inside ViTs; docs/methods.md, deployment). Opset < 17 is refused.
 
 Every part is checked right after export: ``onnx.checker`` and, on the example input,
 onnxruntime (CPU) against the torch module (maximum absolute difference recorded).
@@ -87,9 +87,9 @@ def _ort_max_diff(path: Path, spec: dict, args: list[torch.Tensor], expected: to
     return float(np.max(np.abs(got - expected.numpy())))
 
 
-def export_onnx(model: torch.nn.Module, bundle_dir: str | Path, weights_sha256: str, opset: int = MIN_OPSET
-                ) -> dict:
-    """Export the dense parts of a CFMModel into ``bundle_dir/engines/onnx``.
+def export_onnx(model: torch.nn.Module, method, cfg, bundle_dir: str | Path, weights_sha256: str,
+                opset: int = MIN_OPSET) -> dict:
+    """Export the dense parts (``method.dense_parts(cfg)``) of ``model`` into ``bundle_dir/engines/onnx``.
 
     Returns the manifest["engines"]["onnx"] entry: {"format", "opset", "precision",
     "parts": {path: {"file" (relative to the bundle), "inputs", "output", "batch_one",
@@ -106,12 +106,11 @@ def export_onnx(model: torch.nn.Module, bundle_dir: str | Path, weights_sha256: 
     rel_dir = export_dir(weights_sha256, opset)
     (bundle_dir / rel_dir).mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    m = model.cfg.mapper_resolution
     parts = {}
     with torch.inference_mode():
-        for path, spec in part_specs(model.cfg).items():
+        for path, spec in part_specs(method, cfg).items():
             module = get_part(model, path)
-            args = example_inputs(spec, n_pixels=max(2, m * m // 2))
+            args = example_inputs(spec, n_pixels=max(2, int(spec["dynamic_max"]) // 2))
             rel = rel_dir / f"{spec['stem']}.onnx"
             _export_part(module, spec, args, bundle_dir / rel, opset)
             graph = onnx.load(str(bundle_dir / rel), load_external_data=False).graph

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.backends.base import Detector, Result
+from edge_runtime.backends.detector import Detector, Result
 
 # precision -> minimum pooled Pearson of maps, maximum relative map difference,
 # minimum Spearman of image scores. FP16 engines round activations to ~3 significant

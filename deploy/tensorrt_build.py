@@ -4,7 +4,7 @@ For each dense part (``engine_keys.part_specs``): parse the ONNX file into a net
 (``trt.Builder`` -> ``create_network`` -> ``trt.OnnxParser``), configure
 (``BuilderConfig``: workspace pool limit; ``BuilderFlag.FP16`` for fp16 with
 ``OBEY_PRECISION_CONSTRAINTS`` and LayerNorm / Softmax layers pinned to FP32, since
-ViT LayerNorm overflows in FP16 — REFERENCE.md section 6; an optimisation profile for
+ViT LayerNorm overflows in FP16 — docs/methods.md, deployment; an optimisation profile for
 the mappers' dynamic pixel count), ``build_serialized_network``, and write the plan to
 ``engines/tensorrt/<key>/<weights sha12>/<stem>.plan``. The key (``engine_keys.engine_key``) names the
 GPU, compute capability, TensorRT version, precision and input shapes.
@@ -66,7 +66,7 @@ def build_engine(onnx_path: Path, input_shapes: dict, precision: str, workspace_
     return bytes(plan), pinned
 
 
-def build_engines(bundle_dir: str | Path, onnx_entry: dict, cfg, target: EngineTarget) -> tuple[str, dict]:
+def build_engines(bundle_dir: str | Path, onnx_entry: dict, method, cfg, target: EngineTarget) -> tuple[str, dict]:
     """Build every dense part's engine for ``target`` from the ONNX export described by
     ``onnx_entry``; returns (manifest["engines"] name "tensorrt/<key>", its entry).
 
@@ -80,7 +80,7 @@ def build_engines(bundle_dir: str | Path, onnx_entry: dict, cfg, target: EngineT
     rel_dir = ENGINE_DIR / key / onnx_entry["weights_sha256"][:12]
     (bundle_dir / rel_dir).mkdir(parents=True, exist_ok=True)
     parts = {}
-    for path, spec in part_specs(cfg).items():
+    for path, spec in part_specs(method, cfg).items():
         plan, pinned = build_engine(bundle_dir / onnx_entry["parts"][path]["file"],
                                     target.input_shapes[spec["stem"]], target.precision)
         rel = rel_dir / f"{spec['stem']}.plan"

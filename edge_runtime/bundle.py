@@ -1,58 +1,63 @@
-"""Model bundle: a directory with ``manifest.json`` and the weights in safetensors.
+"""Model bundle: a sealed directory with ``manifest.json`` and the weights in safetensors.
 
 Layout::
 
-    <bundle>/manifest.json        what the model is, where it came from, file checksums
+    <bundle>/manifest.json        what the model is, where it came from, file checksums, seal
     <bundle>/model.safetensors    the whole model's state dict (extractors included), no pickle
+    <bundle>/engines/...          ONNX exports and TensorRT engines (edge-deploy), listed in files
 
 A bundle is data, never code: weights are safetensors (no pickle), the manifest is JSON.
+Nothing here names a method: ``method`` selects the package in ``edge_runtime.methods``,
+which builds the model from ``config``.
 
-Manifest fields (``schema_version`` 1):
+Manifest fields (``schema_version`` 2):
 
-- ``schema_version``, ``method`` ("cfm"), ``variant``, ``resolution`` (input side in px),
-- ``config``: the ``CFMConfig`` dict (layer counts, feature sizes, resolutions, scoring),
-- ``preprocessing``: the parameters passed to ``edge_runtime.data.depth.cfm_preprocess``,
-- ``backbones``: provenance per extractor, ``{"2d": {"file", "sha256"} | "random-init", "3d": ...}``,
-- ``warnings``: human-readable warnings (random-initialised extractors, ...),
-- ``training``: summary (category, n_images, shots, epochs, loss, seconds, device, ...),
-- ``versions``: torch / numpy / safetensors / edge_runtime versions that wrote it,
-- ``created``: UTC ISO-8601 time,
+- ``schema_version``, ``method`` (a name in ``edge_runtime.methods``), ``variant``,
+  ``modality`` ("rgb" | "3d" | "rgb+3d"), ``config`` (the method's config dict),
+- ``preprocessing``: the parameters of the method's preprocessor,
+- ``extractors``: provenance per feature extractor ``{role: {"name", "source", "file",
+  "sha256"}}`` (``"random-init"`` for an extractor with no pretrained weights),
+- ``warnings``, ``training`` (category, images, epochs, seconds, ...), ``versions``, ``created``,
 - ``files``: ``{relpath: {"sha256", "bytes"}}`` for every file of the bundle but the manifest,
-- ``thresholds``, ``normalisation``: null until calibrated; ``engines``: {} until deployed.
+- ``thresholds``, ``normalisation``: null until calibrated; ``engines``: {} until deployed,
+- ``seal``: sha256 of the canonical JSON of every other field. Every field that changes a
+  decision (config, thresholds, normalisation, engines, files) is under the seal, so a
+  manifest edited by hand is refused; the tools (edge-calibrate, edge-deploy) re-seal
+  through ``update_manifest``. ``bundle_hash`` is the seal: it identifies the exact model
+  an alert was produced with.
 
-Loading checks every listed file's size and sha256 and refuses a missing, truncated or
-tampered file with a ``BundleError`` naming it. Frozen extractors without a checkpoint are
-random-initialised: their weights are saved too, so the bundle reproduces the model exactly.
+Version 1 bundles (CFM only, unsealed, ``backbones`` instead of ``extractors``) are still
+read: they are upgraded in memory (``method`` "cfm" stays, ``modality`` "rgb+3d") and
+their hash is the old files-section hash.
+
+Loading checks the seal, then every listed file's size and sha256, and refuses a missing,
+truncated or tampered file with a ``BundleError`` naming it. Every file an engine entry
+references must lie inside the bundle and be listed (so it is hash-checked too).
+
+This module imports torch only where weights are read or written, so reading a manifest
+(the supervisor, the gateway) stays light.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import safetensors
-import torch
-from safetensors.torch import load_file, save_file
-
 import edge_runtime
 from edge_runtime.errors import BundleError
-from edge_runtime.models.cfm import CFMConfig, CFMModel
+from edge_runtime.outputs import sha256_file, sha256_json, umask, write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-METHODS = ("cfm",)
 RANDOM_INIT = "random-init"
 # Fields save_bundle fills itself; callers may not pass them.
-_OWN_FIELDS = ("schema_version", "method", "variant", "resolution", "config", "versions",
-               "created", "files")
-_HASH_BLOCK = 1 << 20
+_OWN_FIELDS = ("schema_version", "method", "variant", "modality", "config", "versions", "created", "files",
+               "seal")
 
 
 @dataclass
@@ -60,17 +65,13 @@ class Bundle:
     """A loaded bundle: its manifest, the state dict (CPU tensors) and its directory."""
 
     manifest: dict
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict  # name -> torch.Tensor (CPU)
     path: Path
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+sha256_of = sha256_file  # the one hash helper (edge_runtime.outputs)
+# Where a v2 manifest keeps extractor provenance (v1: "backbones").
+EXTRACTORS = "extractors"
 
 
 def _file_entry(directory: Path, relpath: str) -> dict:
@@ -78,65 +79,68 @@ def _file_entry(directory: Path, relpath: str) -> dict:
     path = directory / relpath
     if not path.is_file():
         raise BundleError(f"{path}: file to record in the bundle does not exist")
-    return {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def seal_of(manifest: dict) -> str:
+    """sha256 of the canonical JSON of every manifest field but ``seal`` itself."""
+    return sha256_json({k: v for k, v in manifest.items() if k != "seal"})
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
-    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    manifest = dict(manifest)
+    manifest.pop("seal", None)
+    manifest["seal"] = seal_of(manifest)
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def library_versions() -> dict:
     """Versions of the libraries that shape a bundle's numbers."""
-    return {"torch": torch.__version__, "numpy": np.__version__,
+    import numpy
+    import safetensors
+    import torch
+
+    return {"torch": torch.__version__, "numpy": numpy.__version__,
             "safetensors": safetensors.__version__, "edge_runtime": edge_runtime.__version__}
 
 
-def save_bundle(directory: str | Path, model: CFMModel, manifest_fields: dict) -> Path:
-    """Write ``model`` as a bundle into ``directory`` (created if needed); returns its path.
+def save_bundle(directory: str | Path, method: str, config: dict, model, manifest_fields: dict) -> Path:
+    """Write ``model`` (an nn.Module built by method ``method`` from ``config``, the
+    method's config dict) as a sealed bundle into ``directory``; returns its path.
 
-    ``manifest_fields`` supplies ``preprocessing``, ``backbones``, ``training`` and
-    optionally ``warnings``, ``thresholds``, ``normalisation``, ``engines``; this function
-    fills the rest (see the module doc). The weights are written to a temporary file and
-    renamed, then the manifest is written atomically, so an interrupted save never leaves
-    a manifest that vouches for a half-written file.
+    ``manifest_fields`` supplies ``preprocessing``, ``extractors``, ``training`` and
+    optionally ``variant``, ``modality``, ``warnings``, ``thresholds``, ``normalisation``,
+    ``engines``, ``demo``. The weights are written to a temporary file and renamed, then
+    the manifest is written atomically, so an interrupted save never leaves a manifest
+    that vouches for a half-written file.
     """
-    clash = sorted(set(manifest_fields) & set(_OWN_FIELDS))
+    from safetensors.torch import save_file
+
+    fields = dict(manifest_fields)
+    variant = fields.pop("variant", None)
+    modality = fields.pop("modality", None) or config.get("modality") or _default_modality(method)
+    clash = sorted(set(fields) & set(_OWN_FIELDS))
     if clash:
         raise ValueError(f"save_bundle fills {clash} itself; do not pass them")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", dir=directory)
-    os.close(fd)
+    tmp = directory / f".{WEIGHTS}.{os.getpid()}.tmp"
     try:
-        save_file(state, tmp, metadata={"format": "pt", "method": "cfm"})
+        save_file(state, str(tmp), metadata={"format": "pt", "method": method})
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, directory / WEIGHTS)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    cfg = model.cfg
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "method": "cfm",
-        "variant": cfg.variant,
-        "resolution": cfg.resolution,
-        "config": cfg.to_dict(),
+        "method": method,
+        "variant": variant,
+        "modality": modality,
+        "config": config,
         "preprocessing": None,
-        "backbones": {"2d": RANDOM_INIT, "3d": RANDOM_INIT},
+        EXTRACTORS: {},
         "warnings": [],
         "training": None,
         "versions": library_versions(),
@@ -146,13 +150,53 @@ def save_bundle(directory: str | Path, model: CFMModel, manifest_fields: dict) -
         "normalisation": None,
         "engines": {},
     }
-    manifest.update(manifest_fields)
+    manifest.update(fields)
     _write_manifest(directory, manifest)
     return directory
 
 
+def _default_modality(method: str) -> str:
+    from edge_runtime import methods
+
+    return methods.get(method).modalities[-1]
+
+
+def _upgrade_v1(manifest: dict) -> dict:
+    """A version 1 manifest (CFM only, unsealed) in the version 2 shape, in memory."""
+    m = dict(manifest)
+    m.setdefault("modality", "rgb+3d")
+    if EXTRACTORS not in m:
+        old = m.get("backbones") or {}
+        m[EXTRACTORS] = {role: (v if isinstance(v, dict) else {"name": v}) for role, v in old.items()}
+    m["legacy_hash"] = sha256_json(m["files"])
+    return m
+
+
+def _referenced_files(obj) -> list[str]:
+    """Every ``"file"`` value anywhere inside an engines entry."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "file" and isinstance(v, str):
+                found.append(v)
+            else:
+                found.extend(_referenced_files(v))
+    elif isinstance(obj, list):
+        for v in obj:
+            found.extend(_referenced_files(v))
+    return found
+
+
+def _inside(rel: str) -> bool:
+    p = Path(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts and rel != MANIFEST
+
+
 def read_manifest(directory: str | Path) -> dict:
-    """The manifest of the bundle at ``directory``, structurally checked (no file hashing)."""
+    """The manifest of the bundle at ``directory``: structure and seal checked (no file
+    hashing, no torch). BundleError naming the file and the problem otherwise."""
+    from edge_runtime import methods
+
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
@@ -168,11 +212,20 @@ def read_manifest(directory: str | Path) -> dict:
     missing = [k for k in ("schema_version", "method", "config", "files") if k not in manifest]
     if missing:
         raise BundleError(f"{path}: manifest lacks {missing}")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema_version {manifest['schema_version']!r} is not supported "
-                          f"(this edge_runtime reads {SCHEMA_VERSION})")
-    if manifest["method"] not in METHODS:
-        raise BundleError(f"{path}: method {manifest['method']!r} is not supported (known: {METHODS})")
+    version = manifest["schema_version"]
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"{path}: schema_version {version!r} is not supported "
+                          f"(this edge_runtime reads {list(READABLE_VERSIONS)})")
+    if version >= 2:
+        if not isinstance(manifest.get("seal"), str):
+            raise BundleError(f"{path}: manifest has no seal (schema 2 bundles are sealed by the edge tools)")
+        if manifest["seal"] != seal_of(manifest):
+            raise BundleError(f"{path}: manifest seal mismatch: the manifest was edited outside the edge tools "
+                              "(thresholds, config or engines changed by hand); recalibrate or redeploy")
+    if manifest["method"] not in methods.names():
+        raise BundleError(f"{path}: method {manifest['method']!r} is not supported (known: {list(methods.names())})")
+    if not isinstance(manifest["config"], dict):
+        raise BundleError(f"{path}: config must be a JSON object")
     files = manifest["files"]
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise BundleError(f"{path}: the files section must list {WEIGHTS}")
@@ -180,9 +233,17 @@ def read_manifest(directory: str | Path) -> dict:
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("bytes"), int)):
             raise BundleError(f"{path}: files entry for {rel!r} must be {{'sha256': str, 'bytes': int}}")
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        if not _inside(rel):
             raise BundleError(f"{path}: files entry {rel!r} must be a path inside the bundle")
-    return manifest
+    engines = manifest.get("engines") or {}
+    if not isinstance(engines, dict):
+        raise BundleError(f"{path}: engines must be a JSON object")
+    for rel in _referenced_files(engines):
+        if not _inside(rel):
+            raise BundleError(f"{path}: engine file {rel!r} must be a path inside the bundle")
+        if rel not in files:
+            raise BundleError(f"{path}: engine file {rel!r} is not listed (and hash-checked) in the files section")
+    return _upgrade_v1(manifest) if version == 1 else manifest
 
 
 def verify_files(directory: str | Path, manifest: dict) -> None:
@@ -196,14 +257,23 @@ def verify_files(directory: str | Path, manifest: dict) -> None:
         if size != entry["bytes"]:
             raise BundleError(f"{path}: size {size} bytes differs from the manifest's {entry['bytes']} "
                               "(truncated or replaced)")
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise BundleError(f"{path}: sha256 {digest} differs from the manifest's {entry['sha256']} "
                               "(file modified)")
 
 
+def bundle_file(bundle_dir: str | Path, manifest: dict, rel: str) -> Path:
+    """The path of a file the manifest lists (an engine, an export), confined to the bundle."""
+    if not _inside(rel) or rel not in manifest["files"]:
+        raise BundleError(f"{Path(bundle_dir) / MANIFEST}: {rel!r} is not a file listed inside the bundle")
+    return Path(bundle_dir) / rel
+
+
 def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
     """Read a bundle; with ``verify`` every listed file's size and sha256 is checked first."""
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     manifest = read_manifest(directory)
     if verify:
@@ -216,14 +286,24 @@ def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
     return Bundle(manifest=manifest, state_dict=state, path=directory)
 
 
-def build_model(bundle: Bundle) -> CFMModel:
-    """The ``CFMModel`` of a loaded bundle, weights in place, in eval mode (CPU)."""
+def method_of(manifest: dict):
+    """The ``edge_runtime.methods`` entry that wrote ``manifest``."""
+    from edge_runtime import methods
+
+    return methods.get(manifest["method"])
+
+
+def build_model(bundle: Bundle):
+    """The bundle's model (built by its method), weights in place, in eval mode (CPU)."""
+    import torch
+
+    method = method_of(bundle.manifest)
     try:
-        cfg = CFMConfig.from_dict(bundle.manifest["config"])
+        cfg = method.config_from_dict(bundle.manifest["config"])
     except (TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.path / MANIFEST}: invalid config ({exc})") from None
     with torch.device("meta"):  # no random init: every tensor comes from the bundle
-        model = CFMModel(cfg)
+        model = method.build_model(cfg)
     try:
         missing, unexpected = model.load_state_dict(bundle.state_dict, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatches
@@ -237,30 +317,50 @@ def build_model(bundle: Bundle) -> CFMModel:
 def update_manifest(directory: str | Path, files: list[str] | tuple[str, ...] = (), **fields) -> dict:
     """Set top-level manifest ``fields`` (e.g. thresholds, normalisation, engines) and
     (re)record ``files`` (paths relative to the bundle, e.g. an engine just written) in
-    the files section; the manifest is rewritten atomically. Returns the new manifest.
+    the files section; the manifest is rewritten atomically and re-sealed. Returns it.
 
-    The existing files are verified first, so an update never blesses a tampered bundle.
-    ``files``, ``schema_version``, ``method``, ``config`` cannot be set through ``fields``.
+    The seal and the existing files are verified first, so an update never blesses a
+    tampered bundle. A version 1 bundle is rewritten as version 2.
+    ``files``, ``schema_version``, ``method``, ``config``, ``seal`` cannot be set through ``fields``.
     """
     directory = Path(directory)
-    forbidden = sorted(set(fields) & {"files", "schema_version", "method", "config"})
+    forbidden = sorted(set(fields) & {"files", "schema_version", "method", "config", "seal"})
     if forbidden:
         raise ValueError(f"update_manifest cannot set {forbidden}")
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
+    manifest.pop("legacy_hash", None)
+    manifest["schema_version"] = SCHEMA_VERSION
     for rel in files:
-        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel == MANIFEST:
+        if not _inside(rel):
             raise ValueError(f"{rel!r}: bundle files must be relative paths inside the bundle "
                              f"(and not {MANIFEST})")
         manifest["files"][rel] = _file_entry(directory, rel)
     manifest.update(fields)
     _write_manifest(directory, manifest)
-    return manifest
+    return read_manifest(directory)
 
 
-def bundle_hash(directory: str | Path) -> str:
-    """sha256 (hex) of the manifest's files section as canonical JSON: identifies the
-    exact weights (and engines) an alert was produced with."""
-    files = read_manifest(directory)["files"]
-    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+def bundle_hash(directory_or_manifest) -> str:
+    """The bundle's identity: its seal (schema 2), which covers weights, engines, config,
+    thresholds and normalisation; for a version 1 bundle the hash of its files section."""
+    m = directory_or_manifest if isinstance(directory_or_manifest, dict) else read_manifest(directory_or_manifest)
+    return m.get("seal") or m.get("legacy_hash") or sha256_json(m["files"])
+
+
+def export_is_current(manifest: dict, entry: dict | None) -> bool:
+    """The one rule for exported parts (ONNX, TensorRT): an export is usable only when it
+    was made from the bundle's current weights."""
+    return bool(entry) and entry.get("weights_sha256") == manifest["files"][WEIGHTS]["sha256"]
+
+
+def extractor_lines(manifest: dict) -> list[str]:
+    """One human line per feature extractor of a bundle: role, name, source, hash."""
+    out = []
+    for role, info in (manifest.get(EXTRACTORS) or {}).items():
+        if not isinstance(info, dict):
+            info = {"name": str(info)}
+        sha = info.get("sha256")
+        out.append(f"{role}: {info.get('name', '?')} ({info.get('source', 'no source')}"
+                   f"{', sha256 ' + sha[:12] if sha else ''})")
+    return out

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics of the MVTec 3D-AD evaluation (REFERENCE.md section 5).
+"""Anomaly-detection metrics of the MVTec 3D-AD evaluation (docs/methods.md, metrics).
 
 * ``image_auroc(scores, labels)`` — ROC AUC of image scores (good = 0, defective = 1).
 * ``pixel_auroc(maps, gts)`` — ROC AUC over every pixel of every test image.

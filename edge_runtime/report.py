@@ -12,15 +12,13 @@ reason is listed under ``"undefined"``, instead of a crash or a made-up number.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.outputs import write_json
 from edge_runtime.metrics import MetricError, aupro, image_auroc, pixel_auroc
 
 __all__ = ["evaluate", "write_report"]
@@ -111,16 +109,5 @@ def write_report(
 ) -> dict:
     """Compute the report and write it as JSON to ``path`` ("-" = stdout, None = don't write)."""
     report = evaluate(category, method, variant, scores, labels, maps, gts, defect_types, extra)
-    text = json.dumps(report, indent=2, sort_keys=False)
-    if path is None:
-        return report
-    if str(path) == "-":
-        print(text)
-        return report
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
-    os.replace(tmp, path)
+    write_json(path, report)
     return report

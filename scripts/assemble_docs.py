@@ -17,7 +17,20 @@ BENCH = [
     ("benchmarks_alerts.md", "Alert path"),
     ("benchmarks_metrics.md", "Metrics"),
 ]
-RESULTS = [("results.md", "CFM on the synthetic station")]
+RESULTS = [
+    ("results_offline.md", "CFM on offline extractors (EfficientNet-Lite + FPFH)"),
+    ("results.md", "CFM with random-initialised extractors (before the offline extractors)"),
+    ("results_ast.md", "AST"),
+    ("results_dbrn.md", "DBRN"),
+]
+BENCH += [
+    ("extractors.md", "Offline extractors (EfficientNet-Lite, FPFH)"),
+    ("benchmarks_ast.md", "AST"),
+    ("benchmarks_dbrn.md", "DBRN"),
+    ("benchmarks_bridges.md", "Line bridges (OPC UA, MQTT)"),
+]
+# docs/methods.md: each part keeps its own top-level headings (no demotion, no header)
+METHODS = ["methods_intro.md", "methods_cfm.md", "methods_ast.md", "methods_dbrn.md", "methods_common.md"]
 
 HEAD = """# {title}
 
@@ -48,6 +61,24 @@ def assemble(out: str, title: str, parts) -> None:
     (DOCS / out).write_text("\n".join(text))
 
 
+def assemble_methods() -> None:
+    """docs/methods.md: the intro part first, then every method's part, then the shared facts."""
+    texts = []
+    for i, name in enumerate(METHODS):
+        if (PARTS / name).exists():
+            text = (PARTS / name).read_text().strip()
+            if i:  # sections below the page title
+                out, fenced = [], False
+                for line in text.splitlines():
+                    if line.startswith("```"):
+                        fenced = not fenced
+                    out.append("#" + line if line.startswith("#") and not fenced else line)
+                text = "\n".join(out)
+            texts.append(text + "\n")
+    (DOCS / "methods.md").write_text("\n".join(texts))
+
+
 if __name__ == "__main__":
     assemble("benchmarks.md", "Benchmarks", BENCH)
     assemble("results.md", "Results", RESULTS)
+    assemble_methods()

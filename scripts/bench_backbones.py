@@ -25,8 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from edge_runtime.models.pointmae import FEATURE_LAYERS, PointMAEExtractor, knn_exact, knn_window
-from edge_runtime.models.vit import ViTExtractor
+from edge_runtime.nets.pointmae import FEATURE_LAYERS, PointMAEExtractor, knn_exact, knn_window
+from edge_runtime.nets.vit import ViTExtractor
 
 RES = 224
 

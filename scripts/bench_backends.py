@@ -30,9 +30,9 @@ import torch
 
 from deploy.cli import check_frames, deploy_onnx
 from deploy.parity import run_parity
-from edge_runtime.backends.base import load_detector
+from edge_runtime.backends import load_detector
 from edge_runtime.bundle import save_bundle
-from edge_runtime.models.cfm import CFMModel, cfm_config
+from edge_runtime.methods.cfm.model import CFMModel, cfm_config
 
 STAGES = ("2d", "group", "3d", "align", "mappers", "score")
 
@@ -60,7 +60,7 @@ def bench_variant(variant: str, overrides: dict, n_frames: int, warmup: int, dev
     each available backend (with ``compare_spin`` also onnxruntime CPU with spinning threads)."""
     torch.manual_seed(0)
     cfg = cfm_config(variant, **overrides)
-    bundle = save_bundle(workdir / variant, CFMModel(cfg), {"preprocessing": {"clean": True}})
+    bundle = save_bundle(workdir / variant, "cfm", cfg.to_dict(), CFMModel(cfg), {"preprocessing": {"clean": True}, "variant": variant})
     t0 = time.perf_counter()
     deploy_onnx(bundle, 17, log=lambda line: print(line, file=sys.stderr))
     export_s = time.perf_counter() - t0

@@ -25,7 +25,7 @@ import torch
 
 from edge_runtime.backends.torch_backend import TorchDetector
 from edge_runtime.data.synth import SynthStation
-from edge_runtime.models.cfm import PROFILES, STAGES, CFMModel, cfm_config, count_parameters
+from edge_runtime.methods.cfm.model import PROFILES, STAGES, CFMModel, cfm_config, count_parameters
 
 
 def bench_variant(variant: str, frames: list, args: argparse.Namespace) -> dict:

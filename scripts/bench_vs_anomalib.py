@@ -44,7 +44,7 @@ def anomalib_cfm():
 
 
 def frames(n: int, resolution: int):
-    from edge_runtime.data.depth import cfm_preprocess
+    from edge_runtime.methods.cfm.preprocess import cfm_preprocess
     from edge_runtime.data.synth import SynthStation
 
     station = SynthStation(size=400, seed=7)
@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from edge_runtime.models.cfm import CFMModel, cfm_config
+    from edge_runtime.methods.cfm.model import CFMModel, cfm_config
 
     inputs = frames(args.frames, 224)
     rows = {}

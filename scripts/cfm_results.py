@@ -4,7 +4,7 @@ Runs the product's own commands (``edge-synth``, ``edge-train``, ``edge-eval``) 
 subprocesses, prints every command it runs, and prints markdown tables built from the
 ``edge-eval`` JSON reports (means over categories). The extractors are random-initialised
 (no checkpoint files offline), so the numbers measure the pipeline, not CFM's published
-accuracy (REFERENCE.md section 2 is printed beside them for orientation only).
+accuracy (docs/methods.md, CFM is printed beside them for orientation only).
 
 Sections (``--sections``):
 
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-PAPER = {  # REFERENCE.md section 2: MVTec 3D-AD means, pretrained extractors
+PAPER = {  # docs/methods.md, CFM: MVTec 3D-AD means, pretrained extractors
     "full": (0.954, 0.993, 0.971, 0.455), "medium": (0.960, 0.994, 0.972, 0.459),
     "small": (0.948, 0.994, 0.972, 0.451), "tiny": (0.899, 0.990, 0.961, 0.419),
 }
@@ -86,9 +86,9 @@ def mask_baseline(data: Path, categories: list[str], resolution: int = 224) -> l
     import numpy as np
     import torch
 
-    from edge_runtime.data.depth import cfm_gt, cfm_preprocess
+    from edge_runtime.methods.cfm.preprocess import cfm_gt, cfm_preprocess
     from edge_runtime.data.mvtec import MVTec3D
-    from edge_runtime.models.cfm import cfm_config, smooth
+    from edge_runtime.methods.cfm.model import cfm_config, smooth
     from edge_runtime.report import evaluate
 
     cfg = cfm_config("tiny", resolution=resolution)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from edge_runtime.data import depth as D
+from edge_runtime.methods.cfm import preprocess as P
 from edge_runtime.data.synth import CATEGORIES, DEFECT_TYPES, SynthStation
 
 SETTINGS = {
@@ -161,12 +162,12 @@ def timings(seed: int, repeats: int) -> dict:
             "largest_component gap 6mm (full res)": lambda: D.largest_component(planeless, max_gap_m=0.006),
             "largest_component (224 grid)": lambda: D.largest_component(small),
             "largest_component gap 6mm (224 grid)": lambda: D.largest_component(small, max_gap_m=0.006),
-            "cfm_clean_cloud (gap 6mm, full res)": lambda: D.cfm_clean_cloud(xyz),
-            "cfm_preprocess(224) default (gap 6mm)": lambda: D.cfm_preprocess(rgb, xyz),
-            "cfm_preprocess(224, max_gap_m=None)": lambda: D.cfm_preprocess(rgb, xyz, max_gap_m=None),
-            "cfm_preprocess(224, clean=False)": lambda: D.cfm_preprocess(rgb, xyz, clean=False),
-            "cfm_gt(224)": lambda: D.cfm_gt(s.gt),
-            "ast_preprocess_depth(192)": lambda: D.ast_preprocess_depth(xyz),
+            "cfm_clean_cloud (gap 6mm, full res)": lambda: P.cfm_clean_cloud(xyz),
+            "cfm_preprocess(224) default (gap 6mm)": lambda: P.cfm_preprocess(rgb, xyz),
+            "cfm_preprocess(224, max_gap_m=None)": lambda: P.cfm_preprocess(rgb, xyz, max_gap_m=None),
+            "cfm_preprocess(224, clean=False)": lambda: P.cfm_preprocess(rgb, xyz, clean=False),
+            "cfm_gt(224)": lambda: P.cfm_gt(s.gt),
+            "centred_depth_input(192)": lambda: D.centred_depth_input(xyz),
         }
         key = f"{size}x{size}" if isinstance(size, int) else f"{size[0]}x{size[1]}"
         out[key] = {name: time_ms(fn, repeats) for name, fn in fns.items()}

@@ -120,3 +120,25 @@ def tire_sample() -> Path:
     if not TIRE_SAMPLE.is_dir():
         pytest.skip(f"real sample not present at {TIRE_SAMPLE}")
     return TIRE_SAMPLE
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module with one torch thread (restored after): on a shared 2-core machine two
+    threads oversubscribed by other jobs ran the model tests 3-6x slower. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_cfm_bundle(directory, model, fields: dict | None = None):
+    """Save a CFMModel as a bundle (the tests' shorthand for ``save_bundle`` with its config)."""
+    from edge_runtime.bundle import save_bundle
+
+    fields = dict(fields or {})
+    fields.setdefault("variant", model.cfg.variant)
+    return save_bundle(directory, "cfm", model.cfg.to_dict(), model, fields)

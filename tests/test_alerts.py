@@ -1,5 +1,5 @@
 """AlertPublisher on real sockets (topics, heartbeat, never blocking, replay) and the
-pure helpers regions_from_map / write_overlay."""
+alert stage's image helpers (regions and overlays through edge_runtime.geometry)."""
 
 import os
 import time
@@ -11,8 +11,14 @@ import pytest
 import zmq
 
 from edge_runtime.errors import DataError
-from edge_runtime.pipeline.alerts import AlertPublisher, pad_geometry, regions_from_map, write_overlay
+from edge_runtime.geometry import MapGeometry, regions_from_map
+from edge_runtime.pipeline import alerts
+from edge_runtime.pipeline.alerts import AlertPublisher, write_overlay
 from edge_runtime.pipeline.security import BindPolicyError
+from pipeline_fixtures import scaled
+
+pytestmark = pytest.mark.timeout(60)
+SQ = MapGeometry.square_pad  # CFM's canvas: the image centred on a square padded to a multiple of 100
 
 
 def record(frame_id, run_id="run-a", decision="OK", station="st1", **extra):
@@ -61,11 +67,15 @@ def _recv_all(sock, n, timeout=5.0, heartbeats=False):
 # -- geometry and regions ---------------------------------------------------------
 
 
-def test_pad_geometry_follows_cfm_square_pad():
-    assert pad_geometry((600, 800)) == (800, 100, 0)
-    assert pad_geometry((400, 400, 3)) == (400, 0, 0)
-    assert pad_geometry((60, 100)) == (100, 20, 0)
-    assert pad_geometry((130, 250)) == (300, 85, 25)
+def test_square_pad_geometry_and_the_alert_module_keeps_none_of_its_own():
+    assert SQ((600, 800)) == (800, 800, 100, 0)
+    assert SQ((400, 400, 3)) == (400, 400, 0, 0)
+    assert SQ((60, 100)) == (100, 100, 20, 0)
+    assert SQ((130, 250)) == (300, 300, 85, 25)
+    import edge_runtime.geometry as geometry
+
+    assert not {"pad_geometry", "regions_from_map"} & set(vars(alerts))
+    assert alerts.map_to_image is geometry.map_to_image  # one geometry, edge_runtime.geometry
 
 
 def test_regions_from_map_maps_components_to_image_pixels():
@@ -76,22 +86,27 @@ def test_regions_from_map_maps_components_to_image_pixels():
     amap[10, 2] = 4.0
     amap[13, 18] = 1.5  # a single cell: 25 px
     amap[0:3, 0:3] = 9.0  # entirely in the top padding: ignored
-    regions = regions_from_map(amap, 1.0, (60, 100, 3), min_area=30)
+    g = SQ((60, 100))
+    regions = regions_from_map(amap, 1.0, (60, 100, 3), g, min_area=30)
     assert regions == [
         {"x": 10, "y": 25, "w": 5, "h": 15, "area": 75, "max_score": 4.0},
         {"x": 50, "y": 10, "w": 10, "h": 10, "area": 100, "max_score": 2.0},
     ]
-    assert len(regions_from_map(amap, 1.0, (60, 100), min_area=1)) == 3
-    assert regions_from_map(amap, 1.0, (60, 100), min_area=1, max_regions=1)[0]["max_score"] == 4.0
-    assert regions_from_map(amap, 10.0, (60, 100)) == []
-    with pytest.raises(DataError, match="square R x R"):
-        regions_from_map(np.zeros((4, 5)), 1.0, (60, 100))
+    assert len(regions_from_map(amap, 1.0, (60, 100), g, min_area=1)) == 3
+    assert regions_from_map(amap, 1.0, (60, 100), g, min_area=1, max_regions=1)[0]["max_score"] == 4.0
+    assert regions_from_map(amap, 10.0, (60, 100), g) == []
+    with pytest.raises(DataError, match="2-D"):
+        regions_from_map(np.zeros(4), 1.0, (60, 100), g)
+    # the identity canvas (a plain resize): 20 x 20 cells over 60 x 100 -> 3 x 5 px per cell
+    (box,) = regions_from_map(amap[:4, :4] * 0 + np.eye(4, dtype=np.float32) * 2, 1.0, (12, 20),
+                              MapGeometry.identity((12, 20)), min_area=1, max_regions=1)
+    assert (box["x"], box["y"], box["w"], box["h"]) == (0, 0, 20, 12)
 
 
 def test_regions_touching_the_border_are_clipped_to_the_image():
     amap = np.zeros((10, 10), np.float32)
     amap[3:8, 0:10] = 1.0  # 800 x 600 image: side 800, cell 80 px, top pad 100
-    (region,) = regions_from_map(amap, 0.5, (600, 800))
+    (region,) = regions_from_map(amap, 0.5, (600, 800), SQ((600, 800)))
     assert (region["x"], region["w"]) == (0, 800)
     assert (region["y"], region["h"]) == (140, 400)
     assert region["area"] == 800 * 400
@@ -101,15 +116,18 @@ def test_write_overlay_puts_the_heat_where_the_map_is_high(tmp_path):
     rgb = np.full((60, 100, 3), 128, np.uint8)
     amap = np.zeros((20, 20), np.float32)
     amap[6:8, 10:12] = 5.0  # image y 10..20, x 50..60 (see the regions test)
-    path = write_overlay(tmp_path / "ov" / "f0.png", rgb, amap, regions=[{"x": 0, "y": 0, "w": 100, "h": 60}])
+    path = write_overlay(tmp_path / "ov" / "f0.png", rgb, amap, regions=[{"x": 0, "y": 0, "w": 100, "h": 60}],
+                         geometry=SQ((60, 100)))
     out = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
     assert out.shape == rgb.shape
     hot, cold = out[15, 55].astype(int), out[45, 20].astype(int)
     assert hot[0] - hot[2] > 40  # JET's (dark) red at the peak, blended on grey
     assert cold[2] - cold[0] > 40  # JET's blue where the map is zero
     assert (out[0, 30] == 255).all()  # region box drawn in white
-    jpg = write_overlay(tmp_path / "ov" / "f1.jpg", rgb, amap)
+    jpg = write_overlay(tmp_path / "ov" / "f1.jpg", rgb, amap)  # identity canvas: heat at y 18..24
     assert cv2.imread(str(jpg)).shape == rgb.shape
+    ident = cv2.cvtColor(cv2.imread(str(write_overlay(tmp_path / "ov" / "f1b.png", rgb, amap))), cv2.COLOR_BGR2RGB)
+    assert ident[21, 55, 0] - ident[21, 55, 2] > 40 and ident[15, 55, 2] - ident[15, 55, 0] > 40
     with pytest.raises(DataError, match="f2.png: overlay needs an H x W x 3 uint8"):
         write_overlay(tmp_path / "ov" / "f2.png", rgb[..., 0], amap)
     with pytest.raises(DataError, match="f3.bmp: overlay file name must end in"):
@@ -173,17 +191,41 @@ def test_publish_never_blocks_without_or_with_a_stalled_subscriber(tmp_path):
     with AlertPublisher("tcp://127.0.0.1:*", None, tmp_path / "a.sqlite", "st1") as pub:
         results = {pub.publish(record(i)) for i in range(2000)}
         assert results == {"sent"} and pub.journal.count() == 2000
+
+
+def test_a_stuck_subscriber_loses_only_its_own_messages(tmp_path):
+    """Issue 12.3: one gateway that stops reading must not silence the others (the old
+    XPUB_NODROP socket refused every send once the stuck queue was full)."""
     ctx = zmq.Context()
     endpoint = f"ipc://{tmp_path}/stall.sock"
-    with AlertPublisher(endpoint, None, tmp_path / "b.sqlite", "st1", sndhwm=20) as pub:
-        stalled = _subscriber(ctx, endpoint)  # subscribes, then never reads
-        stalled.rcvhwm = 20
-        _wait_subscribed(pub)
-        results = [pub.publish(record(i, reason="x" * 4000)) for i in range(1500)]
-        assert results.count("dropped") == pub.counts["send_drops"] > 0
-        assert results.count("sent") == pub.counts["published"] > 0
-        assert pub.journal.count() == 1500  # everything stays replayable
+    with AlertPublisher(endpoint, None, tmp_path / "b.sqlite", "st1", sndhwm=20, heartbeat_s=0.05) as pub:
+        stalled = ctx.socket(zmq.SUB)
+        stalled.linger, stalled.rcvhwm = 0, 5
+        stalled.subscribe(b"")
+        stalled.connect(endpoint)  # subscribes, then never reads
+        healthy = _subscriber(ctx, endpoint, b"st1.")  # another prefix: XPUB reports each once
+        _wait_subscribed(pub, 2)
+        got, beats = set(), 0
+        for i in range(1500):
+            assert pub.publish(record(i, reason="x" * 4000)) == "sent"
+            if i % 100 == 0:
+                time.sleep(0.06)
+                pub.tick()  # a heartbeat is due
+            while i not in got and healthy.poll(int(scaled(5) * 1000)):  # a gateway that keeps up
+                topic, payload = healthy.recv_multipart()
+                if topic.endswith(b".HEARTBEAT"):
+                    beats += 1
+                else:
+                    got.add(msgpack.unpackb(payload)["frame_id"])
+        assert got == set(range(1500)) and beats >= 10  # the healthy gateway missed nothing
+        assert pub.counts["send_drops"] == 0 and pub.journal.count() == 1500
+        stuck = 0
+        while stalled.poll(200):
+            stalled.recv_multipart()
+            stuck += 1
+        assert stuck < 1500  # the stuck one lost its own copies (recoverable by replay)
     stalled.close()
+    healthy.close()
     ctx.term()
 
 

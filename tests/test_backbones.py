@@ -12,21 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from edge_runtime.errors import DataError
-from edge_runtime.models.checkpoints import (
+from edge_runtime.nets.checkpoints import (
     CheckpointError,
     load_dino_vit,
     load_point_mae,
     read_checkpoint,
     sha256_file,
 )
-from edge_runtime.models.pointmae import (
+from edge_runtime.nets.pointmae import (
     FEATURE_LAYERS,
     PointMAEExtractor,
     farthest_point_sample,
     knn_exact,
     knn_window,
 )
-from edge_runtime.models.vit import ViTExtractor
+from edge_runtime.nets.vit import ViTExtractor
 
 
 
@@ -294,13 +294,26 @@ def test_point_mae_batch_equals_items_with_different_valid_counts(exact):
         torch.testing.assert_close(batch_f[b], model.encode(n, c)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_point_mae_errors_on_too_few_points_and_non_finite():
+def test_point_mae_small_clouds_keep_fixed_shapes_and_empty_is_an_error():
     model = tiny_pmae(1)
     sparse = torch.zeros(2, 64, 64, 3)
     sparse[0] = surface_cloud()
-    sparse[1, 10, :20] = 0.3  # 20 valid points < max(group_size, num_groups) = 32
-    with pytest.raises(ValueError, match="batch item 1: 20 valid 3D points, need at least 32"):
-        model.group(sparse)
+    sparse[1, 10, :20] = torch.linspace(0.1, 0.3, 20)[:, None]  # 20 valid points < groups and group size
+    for exact in (True, False):
+        centers, nbr = model.group(sparse, exact=exact)
+        assert centers.shape == (2, model.num_groups, 3) and nbr.shape == (2, model.num_groups, model.group_size, 3)
+        pts = sparse[1, 10, :20]
+        # every centre and every neighbour of the small item is one of its 20 real points
+        assert all(bool((pts == c).all(-1).any()) for c in centers[1])
+        absolute = nbr[1] + centers[1][:, None]
+        assert bool(((absolute[..., None, :] - pts).abs().sum(-1) < 1e-6).any(-1).all())
+        # all 20 points are centres (FPS takes every point before repeating)
+        assert len({tuple(c.tolist()) for c in centers[1]}) == 20
+    centers, feats = model(sparse)
+    assert torch.isfinite(feats).all()
+    empty = torch.zeros(1, 64, 64, 3)
+    with pytest.raises(ValueError, match="batch item 0: no valid 3D point"):
+        model.group(empty)
     bad = surface_cloud()[None].clone()
     bad[0, 20, 20, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from edge_runtime import methods
 from edge_runtime.backends import select
-from edge_runtime.backends.base import load_detector
+from edge_runtime.backends import load_detector
 from edge_runtime.backends.engine_keys import (
     ENGINE_PREFIX,
     EngineTarget,
@@ -19,9 +20,10 @@ from edge_runtime.backends.engine_keys import (
     part_specs,
     target_key,
 )
-from edge_runtime.bundle import save_bundle, update_manifest
+from edge_runtime.bundle import update_manifest
+from tests.conftest import save_cfm_bundle
 from edge_runtime.errors import BackendUnavailable, DataError
-from edge_runtime.models.cfm import CFMModel, cfm_config
+from edge_runtime.methods.cfm.model import CFMModel, cfm_config
 
 TINY = dict(resolution=64, mapper_resolution=32, num_groups=32, group_size=16)
 
@@ -31,7 +33,7 @@ def tiny_bundle(tmp_path_factory):
     """A tiny CFM bundle (random weights), no exports."""
     torch.manual_seed(0)
     model = CFMModel(cfm_config("tiny", **TINY))
-    return save_bundle(tmp_path_factory.mktemp("bundle") / "b", model, {"preprocessing": {"clean": True}})
+    return save_cfm_bundle(tmp_path_factory.mktemp("bundle") / "b", model, {"preprocessing": {"clean": True}})
 
 
 # ----------------------------------------------------------------------------- noop
@@ -106,7 +108,7 @@ def test_find_engine_matches_and_explains_mismatch():
 
 
 def test_part_specs_static_and_dynamic():
-    specs = part_specs(cfm_config("tiny", **TINY))
+    specs = part_specs(methods.get("cfm"), cfm_config("tiny", **TINY))
     assert specs["backbone_2d"]["inputs"] == [("rgb", [1, 3, 64, 64])]
     assert specs["backbone_3d.dense"]["inputs"][0] == ("neighborhood", [1, 32, 16, 3])
     assert specs["map_2d_to_3d"]["inputs"] == [("x2d", ["N", 768])] and not specs["map_2d_to_3d"]["batch_one"]

@@ -105,14 +105,14 @@ def cal_setup(tmp_path_factory):
     6 good validation images; test: 4 good, 5 defective."""
     import torch
 
-    from edge_runtime.bundle import save_bundle
-    from edge_runtime.models.cfm import CFMModel, cfm_config
+    from tests.conftest import save_cfm_bundle
+    from edge_runtime.methods.cfm.model import CFMModel, cfm_config
     from edge_runtime.data.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("cal")
     torch.manual_seed(0)
     model = CFMModel(cfm_config("tiny", resolution=64, mapper_resolution=32, num_groups=32, group_size=16))
-    bundle = save_bundle(root / "bundle", model, {"preprocessing": {"clean": True}})
+    bundle = save_cfm_bundle(root / "bundle", model, {"preprocessing": {"clean": True}})
     generate_dataset(root / "data", size=64, categories=["puck"], n_train=1, n_val=6, n_test_good=4,
                      n_test_defect=1)
     return bundle, root / "data"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.models.cfm import (
+from edge_runtime.methods.cfm.model import (
     CFMConfig, CFMModel, Mapper, box_passes, cfm_config, gaussian_kernel1d, interpolate_centres, smooth,
 )
 
@@ -14,14 +14,7 @@ R = 64
 SMALL = {"resolution": R, "num_groups": 32, "group_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run this module with one torch thread (restored after): on the shared 2-core machine
-    two threads oversubscribed by other jobs ran these tests 3-6x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scene(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ def test_check_prints_one_line_per_problem_and_exits_1(mvtec_root, capsys):
     png.write_bytes(b"garbage")
     tiff = mvtec_root / "widget/test/dent/xyz/000.tiff"
     tiff.unlink()
-    assert main(["check", str(mvtec_root)]) == 1
+    assert main(["check", str(mvtec_root)]) == 2
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert sorted(lines) == sorted([
@@ -43,22 +43,22 @@ def test_check_prints_one_line_per_problem_and_exits_1(mvtec_root, capsys):
 def test_check_json(mvtec_root, tmp_path, capsys):
     (mvtec_root / "widget/test/stain/gt/000.png").unlink()
     report = tmp_path / "check.json"
-    assert main(["check", str(mvtec_root), "--json", str(report)]) == 1
+    assert main(["check", str(mvtec_root), "--json", str(report)]) == 2
     data = json.loads(report.read_text())
     assert data["ok"] is False and len(data["problems"]) == 1
     assert data["problems"][0]["path"] == str(mvtec_root / "widget/test/stain/rgb/000.png")
     assert "without gt mask" in data["problems"][0]["problem"]
     capsys.readouterr()
-    assert main(["check", str(mvtec_root), "--json", "-"]) == 1
+    assert main(["check", str(mvtec_root), "--json", "-"]) == 2
     assert json.loads(capsys.readouterr().out) == data  # only JSON on stdout
 
 
 def test_missing_root(tmp_path, capsys):
     missing = tmp_path / "nope"
-    assert main(["check", str(missing)]) == 1
+    assert main(["check", str(missing)]) == 2
     assert capsys.readouterr().out.strip() == f"{missing}: dataset root does not exist"
-    assert main(["summary", str(missing)]) == 1
-    assert capsys.readouterr().err.strip() == f"{missing}: dataset root does not exist"
+    assert main(["summary", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"edge-data: {missing}: dataset root does not exist"
 
 
 def test_summary_table_and_json(make_mvtec, tmp_path, capsys):
@@ -102,3 +102,14 @@ def test_real_sample_via_subprocess(tire_sample):
     run = subprocess.run([sys.executable, "-m", "edge_runtime.data.data_cli", "check",
                           str(tire_sample)], capture_output=True, text=True)
     assert run.returncode == 0 and "OK, no problems found" in run.stdout
+
+
+def test_check_warns_about_an_rgb_only_dataset(make_mvtec, tmp_path, capsys):
+    root = make_mvtec(tmp_path / "rgb", categories=("a",), with_xyz=False)
+    assert main(["check", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "OK, no problems found" in captured.out
+    assert "warning: a: RGB-only (no xyz folders)" in captured.err
+    root3d = make_mvtec(tmp_path / "rgbd", categories=("b",))
+    assert main(["check", str(root3d)]) == 0
+    assert "RGB-only" not in capsys.readouterr().err

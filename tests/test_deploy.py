@@ -11,10 +11,12 @@ import torch
 
 from deploy import cli
 from deploy.parity import compare_results, pearson, spearman
-from edge_runtime.backends.base import Result, load_detector
+from edge_runtime import methods
+from edge_runtime.backends import Result, load_detector
 from edge_runtime.backends.tensorrt_backend import trt_input_shapes
-from edge_runtime.bundle import load_bundle, save_bundle, update_manifest
-from edge_runtime.models.cfm import CFMModel, cfm_config
+from edge_runtime.bundle import load_bundle, update_manifest
+from tests.conftest import save_cfm_bundle
+from edge_runtime.methods.cfm.model import CFMModel, cfm_config
 
 TINY = dict(resolution=64, mapper_resolution=32, num_groups=32, group_size=16)
 
@@ -23,7 +25,7 @@ TINY = dict(resolution=64, mapper_resolution=32, num_groups=32, group_size=16)
 def exported(tmp_path_factory):
     """A tiny calibrated bundle after ``edge-deploy --target onnx``: (bundle, exit code, JSON)."""
     torch.manual_seed(0)
-    bundle = save_bundle(tmp_path_factory.mktemp("deploy") / "b", CFMModel(cfm_config("tiny", **TINY)),
+    bundle = save_cfm_bundle(tmp_path_factory.mktemp("deploy") / "b", CFMModel(cfm_config("tiny", **TINY)),
                          {"preprocessing": {"clean": True}})
     # thresholds in the scores' range so the decision check has both outcomes to agree on
     update_manifest(bundle, thresholds={"image": 2.0, "pixel": 1.5})
@@ -87,7 +89,7 @@ def test_refusals(exported, capsys):
     assert "LayerNorm" in capsys.readouterr().err
     assert cli.main(["--model", str(bundle), "--target", "onnx", "--precision", "fp16"]) == cli.EXIT_REFUSED
     assert cli.main(["--model", str(bundle.parent / "nope"), "--target", "onnx"]) == cli.EXIT_REFUSED
-    assert "does not exist" in capsys.readouterr().err
+    assert "unknown model" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
@@ -106,7 +108,7 @@ def test_tensorrt_target_says_what_is_missing(exported, capsys, tmp_path):
 
 
 def test_trt_profile_shapes():
-    shapes = trt_input_shapes(cfm_config("tiny", **TINY))
+    shapes = trt_input_shapes(methods.get("cfm"), cfm_config("tiny", **TINY))
     assert shapes["backbone_2d"] == {"rgb": [1, 3, 64, 64]}
     assert shapes["map_3d_to_2d"] == {"x3d": [[1, 512, 1024], 384]}
 
@@ -252,8 +254,8 @@ def test_tensorrt_build_flow_with_fake_api(exported, monkeypatch):
     bundle, _, _ = exported
     manifest = load_bundle(bundle).manifest
     cfg = cfm_config("tiny", **TINY)
-    target = EngineTarget("NVIDIA GeForce RTX 4090", "8.9", "10.3.0", "fp16", trt_input_shapes(cfg))
-    name, entry = build_engines(bundle, manifest["engines"]["onnx"], cfg, target)
+    target = EngineTarget("NVIDIA GeForce RTX 4090", "8.9", "10.3.0", "fp16", trt_input_shapes(methods.get("cfm"), cfg))
+    name, entry = build_engines(bundle, manifest["engines"]["onnx"], methods.get("cfm"), cfg, target)
     assert name == "tensorrt/" + entry["key"] and entry["tensorrt_version"] == "10.3.0"
     mapper = json.loads((bundle / entry["parts"]["map_2d_to_3d"]["file"]).read_bytes())
     assert mapper["flags"] == ["fp16", "obey"] and sorted(mapper["pinned"]) == ["norm", "softmax"]

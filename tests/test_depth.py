@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_runtime.data import depth as D
+from edge_runtime.methods.cfm import preprocess as P
 from edge_runtime.errors import DataError
 
 
@@ -174,9 +175,9 @@ def test_soft_downsample_gives_cell_coverage():
     np.testing.assert_allclose(D.soft_downsample(m, 2), [[1.0, 0.0], [0.0, 0.5]])
 
 
-def test_ast_preprocess_depth_outputs():
+def test_centred_depth_input_outputs():
     xyz, box = table_with_box(holes=0.05)
-    out = D.ast_preprocess_depth(xyz, size=64, grid=8)
+    out = D.centred_depth_input(xyz, size=64, grid=8)
     assert out["depth"].shape == (64, 64) and out["depth"].dtype == np.float32
     assert out["fg"].shape == (64, 64) and out["fg"].dtype == bool
     assert out["fg_grid"].shape == (8, 8) and 0 <= out["fg_grid"].min() and out["fg_grid"].max() <= 1
@@ -273,14 +274,14 @@ def test_dbscan_reference_agrees_on_a_clean_scene():
 def test_cfm_clean_cloud_removes_plane_and_specks():
     xyz, box = table_with_box()
     xyz[60:62, 5:7, 2] -= 0.02  # a small speck floating above the table, outside the box
-    out = D.cfm_clean_cloud(xyz)
+    out = P.cfm_clean_cloud(xyz)
     np.testing.assert_array_equal(D.valid_mask(out), box)
 
 
 def test_cfm_clean_cloud_all_removed_is_a_clear_error():
     xyz, _ = table_with_box(box_h=0.0)
     with pytest.raises(DataError, match="no valid points left"):
-        D.cfm_clean_cloud(xyz)
+        P.cfm_clean_cloud(xyz)
 
 
 # ------------------------------------------------------------------ CFM model input
@@ -290,7 +291,7 @@ def test_cfm_preprocess_shapes_dtypes_and_normalisation():
     xyz, box = table_with_box(h=96, w=128)
     rgb = np.empty((96, 128, 3), np.uint8)
     rgb[:] = (200, 100, 50)
-    out = D.cfm_preprocess(rgb, xyz, resolution=56)
+    out = P.cfm_preprocess(rgb, xyz, resolution=56)
     assert set(out) == {"rgb", "xyz"}
     assert out["rgb"].shape == (3, 56, 56) and out["rgb"].dtype == np.float32
     assert out["xyz"].shape == (56, 56, 3) and out["xyz"].dtype == np.float32
@@ -298,7 +299,7 @@ def test_cfm_preprocess_shapes_dtypes_and_normalisation():
     np.testing.assert_allclose(out["rgb"].reshape(3, -1).mean(1), expected, atol=1e-5)
     np.testing.assert_allclose(out["rgb"].reshape(3, -1).std(1), 0, atol=1e-5)  # edge padding, no border
     assert rows_of(out["xyz"]) <= rows_of(xyz) | {(0.0, 0.0, 0.0)}  # original points or missing
-    gt = D.cfm_gt(box, 56)
+    gt = P.cfm_gt(box, 56)
     assert gt.shape == (56, 56) and gt.dtype == bool
     np.testing.assert_array_equal(D.valid_mask(out["xyz"]), gt)  # box kept, aligned with gt
 
@@ -306,9 +307,9 @@ def test_cfm_preprocess_shapes_dtypes_and_normalisation():
 def test_cfm_preprocess_rgb_xyz_gt_stay_aligned():
     xyz, box = table_with_box(h=80, w=120)
     rgb = np.where(box[..., None], np.uint8(255), np.uint8(0)).repeat(3, axis=2)
-    out = D.cfm_preprocess(rgb, xyz, resolution=60, clean=False)
+    out = P.cfm_preprocess(rgb, xyz, resolution=60, clean=False)
     bright = out["rgb"][0] > 0.5
-    gt = D.cfm_gt(box.astype(np.uint8) * 255, 60)
+    gt = P.cfm_gt(box.astype(np.uint8) * 255, 60)
     iou = (bright & gt).sum() / (bright | gt).sum()
     assert iou > 0.9
     assert D.valid_mask(out["xyz"]).sum() > gt.sum()  # clean=False keeps the table
@@ -318,10 +319,10 @@ def test_cfm_preprocess_errors_are_clear():
     xyz, _ = table_with_box(h=64, w=64)
     rgb = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(DataError, match="no valid 3D point"):
-        D.cfm_preprocess(rgb, np.zeros_like(xyz), clean=False)
+        P.cfm_preprocess(rgb, np.zeros_like(xyz), clean=False)
     with pytest.raises(DataError, match="border strip"):
-        D.cfm_preprocess(rgb, np.zeros_like(xyz))
+        P.cfm_preprocess(rgb, np.zeros_like(xyz))
     with pytest.raises(DataError, match="pixel-registered"):
-        D.cfm_preprocess(rgb[:32], xyz)
+        P.cfm_preprocess(rgb[:32], xyz)
     with pytest.raises(DataError, match="rgb: must be uint8"):
-        D.cfm_preprocess(rgb.astype(np.float32), xyz)
+        P.cfm_preprocess(rgb.astype(np.float32), xyz)

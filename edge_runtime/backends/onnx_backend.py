@@ -1,12 +1,12 @@
-"""The onnxruntime backend: CFM's dense parts in ONNX Runtime, the rest in PyTorch.
+"""The onnxruntime backend: a method's dense parts in ONNX Runtime, the rest in PyTorch.
 
-``load(bundle_dir, device="cpu", ...)`` builds the bundle's ``CFMModel`` (as the torch
-backend does) and swaps its four dense parts (``engine_keys.DENSE_PARTS``: ViT, Point-MAE
-dense part, both mappers) for :class:`OrtPart` modules that call onnxruntime sessions
-on the ONNX files ``edge-deploy --target onnx`` wrote into the bundle. Grouping (FPS,
-KNN), 3-NN interpolation, scoring and smoothing stay CFMModel's own torch code, so no
-scoring logic is duplicated and the torch backend's preprocessing, timing per stage and
-batching are reused (:class:`OnnxDetector` extends ``TorchDetector``).
+``load(bundle_dir, device="cpu", ...)`` builds the bundle's model (as the torch backend
+does) and swaps its dense parts (``Method.dense_parts``) for :class:`OrtPart` modules that
+call onnxruntime sessions on the ONNX files ``edge-deploy --target onnx`` wrote into the
+bundle. Everything else (data-dependent grouping, interpolation, scoring, smoothing) stays
+the model's own torch code, so no scoring logic is duplicated and the torch backend's
+preprocessing, timing per stage and batching are reused (:class:`OnnxDetector` extends
+``TorchDetector``).
 
 Execution providers: "cpu" -> CPUExecutionProvider; "cuda" -> CUDAExecutionProvider
 (then CPU as ONNX Runtime's fallback for unsupported nodes) when the installed
@@ -14,8 +14,8 @@ onnxruntime has it, else BackendUnavailable. The torch parts run on the CPU in b
 cases; with CUDA the dense parts' inputs and outputs cross host <-> device memory on
 every call (ONNX Runtime copies numpy inputs itself).
 
-A bundle whose ONNX export was made from other weights (``weights_sha256`` differs from
-the bundle's current ``model.safetensors``) is refused: re-run ``edge-deploy``.
+A bundle whose ONNX export was made from other weights is refused
+(``edge_runtime.bundle.export_is_current``): re-run ``edge-deploy``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_runtime.backends.engine_keys import DENSE_PARTS, set_part
+from edge_runtime.backends.engine_keys import part_specs, set_part
 from edge_runtime.backends.torch_backend import TorchDetector
-from edge_runtime.bundle import WEIGHTS, build_model, load_bundle
+from edge_runtime.bundle import WEIGHTS, build_model, bundle_file, export_is_current, load_bundle, method_of
 from edge_runtime.errors import BackendUnavailable, BundleError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -80,30 +80,28 @@ def onnx_entry(manifest: dict, bundle_dir: Path) -> dict:
     if not entry:
         raise BackendUnavailable(f"{bundle_dir}: bundle has no ONNX export; {fix}")
     current = manifest["files"][WEIGHTS]["sha256"]
-    if entry.get("weights_sha256") != current:
+    if not export_is_current(manifest, entry):
         raise BackendUnavailable(f"{bundle_dir}: the ONNX export was made from other weights "
                                  f"({str(entry.get('weights_sha256'))[:12]}... vs {current[:12]}...); {fix}")
-    missing = sorted(set(DENSE_PARTS) - set(entry.get("parts", {})))
+    method = method_of(manifest)
+    wanted = part_specs(method, method.config_from_dict(manifest["config"]))
+    missing = sorted(set(wanted) - set(entry.get("parts", {})))
     if missing:
         raise BundleError(f"{bundle_dir}: ONNX export lacks parts {missing}; {fix}")
     return entry
 
 
-def load(bundle_dir: str | Path, device: str = "cpu", aggregation: str | None = None,
-         smoothing: str | None = None, verify: bool = True, threads: int | None = None,
+def load(bundle_dir: str | Path, device: str = "cpu", verify: bool = True, threads: int | None = None,
          spin: bool = False, **options) -> OnnxDetector:
-    """Load a CFM bundle with an ONNX export behind onnxruntime.
+    """Load a bundle with an ONNX export behind onnxruntime.
 
-    device: "cpu" or "cuda" (CUDAExecutionProvider). aggregation / smoothing: scoring
-    overrides as in the torch backend. verify: check every bundle file's sha256 (the ONNX
+    device: "cpu" or "cuda" (CUDAExecutionProvider). options: the method's scoring
+    options, as in the torch backend. verify: check every bundle file's sha256 (the ONNX
     files are listed in the manifest, so they are checked too). threads: intra-op threads
     per session (default: onnxruntime's, one per core). spin: let idle onnxruntime threads
     busy-wait between runs (onnxruntime's default; off here because the torch stages run
     in between on the same cores).
     """
-    if options:
-        raise TypeError(f"onnxruntime backend: unknown options {sorted(options)}; it takes aggregation, "
-                        "smoothing, verify, threads, spin")
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -119,7 +117,8 @@ def load(bundle_dir: str | Path, device: str = "cpu", aggregation: str | None = 
     bundle = load_bundle(bundle_dir, verify=verify)
     entry = onnx_entry(bundle.manifest, bundle_dir)
     model = build_model(bundle)
-    model.set_scoring(aggregation=aggregation, smoothing=smoothing)
+    method = method_of(bundle.manifest)
+    method.apply_options(model, method.check_options({k: v for k, v in options.items() if v is not None}))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -129,7 +128,7 @@ def load(bundle_dir: str | Path, device: str = "cpu", aggregation: str | None = 
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [PROVIDERS[kind]] + (["CPUExecutionProvider"] if kind == "cuda" else [])
     for path, part in entry["parts"].items():
-        file = bundle_dir / part["file"]
+        file = bundle_file(bundle_dir, bundle.manifest, part["file"])
         if not file.is_file():
             raise BundleError(f"{file}: ONNX file listed in the manifest is missing")
         session = ort.InferenceSession(str(file), sess_options=opts, providers=providers)

@@ -21,14 +21,13 @@ choice and reasons are logged (logger ``edge_runtime.backends.select``).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from edge_runtime.errors import BackendUnavailable, EdgeError
+from edge_runtime.errors import EdgeError
 
 log = logging.getLogger(__name__)
 PREFERENCE = "tensorrt fp16 > torch cuda fp16 > onnxruntime cuda > onnxruntime cpu > torch cpu"
@@ -66,10 +65,11 @@ class Selection:
 
 def _manifest(bundle_dir: Path) -> dict:
     """The bundle's manifest, or {} when unreadable (the chosen loader then reports it)."""
-    path = bundle_dir / "manifest.json"
+    from edge_runtime.bundle import read_manifest
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_manifest(bundle_dir)
+    except EdgeError:
         return {}  # the chosen loader reports the bundle problem properly
 
 
@@ -93,8 +93,9 @@ def _onnx_status(manifest: dict, provider_device: str) -> str | None:
     entry = (manifest.get("engines") or {}).get("onnx")
     if not entry:
         return "the bundle has no ONNX export (edge-deploy --target onnx)"
-    weights = (manifest.get("files") or {}).get("model.safetensors", {}).get("sha256")
-    if entry.get("weights_sha256") != weights:
+    from edge_runtime.bundle import export_is_current
+
+    if not export_is_current(manifest, entry):
         return "the ONNX export is stale (made from other weights)"
     ok, why = _parity_ok(entry)
     if not ok:
@@ -118,14 +119,15 @@ def _tensorrt_status(manifest: dict) -> str | None:
         return "TensorRT is not installed"
     from edge_runtime.backends.engine_keys import find_engine
     from edge_runtime.backends.tensorrt_backend import current_target, import_tensorrt
-    from edge_runtime.models.cfm import CFMConfig
+    from edge_runtime.bundle import method_of
 
     trt = import_tensorrt()
     try:
-        cfg = CFMConfig.from_dict(manifest["config"])
+        method = method_of(manifest)
+        cfg = method.config_from_dict(manifest["config"])
     except (KeyError, TypeError, ValueError):
         return "the bundle has no valid model config"
-    target = current_target(cfg, "fp16", torch.device("cuda"), trt.__version__)
+    target = current_target(method, cfg, "fp16", torch.device("cuda"), trt.__version__)
     entry, reasons = find_engine(manifest.get("engines") or {}, target)
     if entry is None:
         return "no engine for this GPU/TensorRT: " + " | ".join(reasons)
@@ -171,28 +173,3 @@ def candidates(bundle_dir: Path, device: str | None) -> tuple[list[Candidate], l
         else:
             usable.append(cand)
     return usable, rejected
-
-
-def load_auto(bundle_dir: str | Path, device: str | None = "auto", **options):
-    """Load the fastest usable backend for ``bundle_dir`` (see the module doc).
-
-    ``options`` are passed to the chosen loader (e.g. aggregation, verify). Returns the
-    detector, with ``detector.selection`` (a Selection) attached.
-    """
-    from edge_runtime.backends.base import _loader
-
-    bundle_dir = Path(bundle_dir)
-    usable, rejected = candidates(bundle_dir, device)
-    last_error: EdgeError | None = None
-    for cand in usable:
-        try:
-            det = _loader(cand.backend)(bundle_dir, device=cand.device, **{**cand.options, **options})
-        except BackendUnavailable as exc:
-            rejected.append((cand.label, f"failed to load: {exc}"))
-            last_error = exc
-            continue
-        det.selection = Selection(cand, "first usable in the order " + PREFERENCE, rejected)
-        log.info(det.selection.explain())
-        return det
-    raise BackendUnavailable("no usable backend: " + "; ".join(f"{label}: {why}" for label, why in rejected)) \
-        from last_error

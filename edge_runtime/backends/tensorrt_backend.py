@@ -1,10 +1,10 @@
-"""The TensorRT backend: CFM's dense parts as TensorRT engines, the rest in PyTorch (CUDA).
+"""The TensorRT backend: a method's dense parts as TensorRT engines, the rest in PyTorch (CUDA).
 
-``load(bundle_dir, device="cuda", precision="fp16", ...)`` builds the bundle's
-``CFMModel`` on the GPU and swaps its four dense parts (``engine_keys.DENSE_PARTS``) for
-:class:`TrtPart` modules that run the serialized engines ``edge-deploy --target
-tensorrt`` built into the bundle (``engines/tensorrt/<key>/*.plan``). Grouping (FPS,
-KNN), interpolation, scoring and smoothing stay CFMModel's torch code on the same GPU,
+``load(bundle_dir, device="cuda", precision="fp16", ...)`` builds the bundle's model on
+the GPU and swaps its dense parts (``Method.dense_parts``) for :class:`TrtPart` modules
+that run the serialized engines ``edge-deploy --target tensorrt`` built into the bundle
+(``engines/tensorrt/<key>/*.plan``). Data-dependent steps, interpolation, scoring and
+smoothing stay the model's torch code on the same GPU,
 so no scoring code is duplicated. Engine I/O is float32 (FP16 is internal to the
 engine); tensors are passed by device pointer (``set_tensor_address``) and run with
 ``execute_async_v3`` on torch's current CUDA stream: no host copies.
@@ -30,7 +30,7 @@ from torch import nn
 
 from edge_runtime.backends.engine_keys import DYNAMIC, EngineTarget, find_engine, part_specs, set_part
 from edge_runtime.backends.torch_backend import TorchDetector
-from edge_runtime.bundle import WEIGHTS, build_model, load_bundle
+from edge_runtime.bundle import build_model, bundle_file, export_is_current, load_bundle, method_of
 from edge_runtime.errors import BackendUnavailable, BundleError
 
 PRECISIONS = ("fp16", "fp32")
@@ -55,22 +55,24 @@ def cuda_problem() -> str | None:
     return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
 
 
-def trt_input_shapes(cfg) -> dict:
-    """Engine input shapes per part stem for a CFMConfig: static dims as ints, the mappers'
-    pixel count as an optimisation profile [min 1, opt M*M/2, max M*M] (M = mapper_resolution;
-    larger inputs, e.g. batches, are run in chunks of M*M)."""
-    m2 = cfg.mapper_resolution ** 2
-    return {spec["stem"]: {name: [[1, max(1, m2 // 2), m2] if d == DYNAMIC else d for d in shape]
-                           for name, shape in spec["inputs"]}
-            for spec in part_specs(cfg).values()}
+def trt_input_shapes(method, cfg) -> dict:
+    """Engine input shapes per part stem: static dims as ints, a dynamic dimension as an
+    optimisation profile [min 1, opt max/2, max] (max = the part's ``dynamic_max``; larger
+    inputs, e.g. batches, are run in chunks of max)."""
+    out = {}
+    for spec in part_specs(method, cfg).values():
+        top = max(1, int(spec["dynamic_max"]))
+        out[spec["stem"]] = {name: [[1, max(1, top // 2), top] if d == DYNAMIC else d for d in shape]
+                             for name, shape in spec["inputs"]}
+    return out
 
 
-def current_target(cfg, precision: str, device: torch.device, tensorrt_version: str) -> EngineTarget:
+def current_target(method, cfg, precision: str, device: torch.device, tensorrt_version: str) -> EngineTarget:
     """The EngineTarget (cache key fields) of this GPU + TensorRT for ``cfg`` at ``precision``."""
     major, minor = torch.cuda.get_device_capability(device)
     return EngineTarget(gpu_name=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}",
                         tensorrt_version=tensorrt_version, precision=precision,
-                        input_shapes=trt_input_shapes(cfg))
+                        input_shapes=trt_input_shapes(method, cfg))
 
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
@@ -138,19 +140,15 @@ def rebuild_hint(bundle_dir: Path, precision: str) -> str:
     return f"edge-deploy --model {bundle_dir} --target tensorrt --precision {precision}"
 
 
-def load(bundle_dir: str | Path, device: str = "cuda", precision: str = "fp16",
-         aggregation: str | None = None, smoothing: str | None = None, verify: bool = True,
+def load(bundle_dir: str | Path, device: str = "cuda", precision: str = "fp16", verify: bool = True,
          **options) -> TensorRTDetector:
-    """Load a CFM bundle behind TensorRT engines cached for this GPU and TensorRT version.
+    """Load a bundle behind TensorRT engines cached for this GPU and TensorRT version.
 
-    precision: "fp16" (default) or "fp32" engines. aggregation / smoothing: scoring
-    overrides. verify: check every bundle file's sha256 (engine files included).
+    precision: "fp16" (default) or "fp32" engines. options: the method's scoring options.
+    verify: check every bundle file's sha256 (engine files included).
     Raises BackendUnavailable (TensorRT or CUDA missing, no matching engine: with the
     reason and the rebuild command).
     """
-    if options:
-        raise TypeError(f"tensorrt backend: unknown options {sorted(options)}; it takes precision, "
-                        "aggregation, smoothing, verify")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt = import_tensorrt()
@@ -163,21 +161,23 @@ def load(bundle_dir: str | Path, device: str = "cuda", precision: str = "fp16",
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, verify=verify)
     model = build_model(bundle)
-    model.set_scoring(aggregation=aggregation, smoothing=smoothing)
-    target = current_target(model.cfg, precision, dev, trt.__version__)
+    method = method_of(bundle.manifest)
+    cfg = method.config_from_dict(bundle.manifest["config"])
+    method.apply_options(model, method.check_options({k: v for k, v in options.items() if v is not None}))
+    target = current_target(method, cfg, precision, dev, trt.__version__)
     entry, reasons = find_engine(bundle.manifest.get("engines") or {}, target)
     if entry is None:
         raise BackendUnavailable(f"{bundle_dir}: no TensorRT engine for {target.gpu_name} (sm "
                                  f"{target.compute_capability}), TensorRT {target.tensorrt_version}, {precision}: "
                                  + " | ".join(reasons)
                                  + f". Rebuild on this machine: {rebuild_hint(bundle_dir, precision)}")
-    if entry.get("weights_sha256") != bundle.manifest["files"][WEIGHTS]["sha256"]:
+    if not export_is_current(bundle.manifest, entry):
         raise BackendUnavailable(f"{bundle_dir}: the cached TensorRT engine was built from other weights; "
                                  f"rebuild: {rebuild_hint(bundle_dir, precision)}")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    max_n = model.cfg.mapper_resolution ** 2
-    for path, spec in part_specs(model.cfg).items():
-        file = bundle_dir / entry["parts"][path]["file"]
+    for path, spec in part_specs(method, cfg).items():
+        max_n = max(1, int(spec["dynamic_max"]))
+        file = bundle_file(bundle_dir, bundle.manifest, entry["parts"][path]["file"])
         engine = runtime.deserialize_cuda_engine(file.read_bytes())
         if engine is None:
             raise BackendUnavailable(f"{file}: TensorRT {trt.__version__} could not deserialize this engine; "

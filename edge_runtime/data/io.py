@@ -14,6 +14,7 @@ malformed file.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -29,14 +30,66 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_COORD_M = 100.0
 
 
-def _read_png(path: str | Path) -> np.ndarray:
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on an image's size, checked from the file header before any pixel is
+    decoded (and by edge-run on every frame): longest side in pixels, pixel count,
+    and aspect ratio (long side / short side). A 2448 x 2048 camera is 5 Mpx."""
+
+    max_side: int = 16384
+    max_pixels: int = 64_000_000
+    max_aspect: float = 32.0
+
+    def problem(self, h: int, w: int) -> str | None:
+        """Why an H x W image is refused, or None when it fits."""
+        h, w = int(h), int(w)
+        if h < 1 or w < 1:
+            return f"image is {h}x{w} (HxW): no pixels"
+        if max(h, w) > self.max_side:
+            return f"image is {h}x{w} (HxW): a side exceeds the limit of {self.max_side} pixels"
+        if h * w > self.max_pixels:
+            return f"image is {h}x{w} (HxW): {h * w} pixels exceed the limit of {self.max_pixels}"
+        if max(h, w) / min(h, w) > self.max_aspect:
+            return f"image is {h}x{w} (HxW): aspect ratio exceeds the limit of {self.max_aspect:g}"
+        return None
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _check_size(path: Path, h: int, w: int, limits: ImageLimits | None) -> None:
+    problem = (limits or DEFAULT_LIMITS).problem(h, w)
+    if problem is not None:
+        raise DataError(path, problem)
+
+
+def read_tiff_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of a TIFF's first image from its header, without reading the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file does not exist")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(int(n) for n in tif.pages[0].shape)
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise DataError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
+
+
+def _read_png(path: str | Path, limits: ImageLimits | None = None) -> np.ndarray:
     """Decode a PNG file as stored (any depth / channel count; OpenCV's BGR(A) order).
 
-    Rejects missing, empty, non-PNG, corrupt and truncated files.
+    Rejects missing, empty, non-PNG, corrupt and truncated files, and images outside
+    ``limits`` (default ``DEFAULT_LIMITS``), the latter from the header, before decoding.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file does not exist")
+    try:
+        size = read_png_size(path)
+    except DataError:  # no readable header: the decoder below names the problem
+        size = None
+    if size is not None:
+        _check_size(path, *size, limits)
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         raise DataError(path, "file is empty")
@@ -85,9 +138,9 @@ def read_png_size(path: str | Path) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+def read_rgb(path: str | Path, limits: ImageLimits | None = None) -> np.ndarray:
     """8-bit PNG -> uint8 H x W x 3 in RGB order (grey and RGBA are converted)."""
-    img = _read_png(path)
+    img = _read_png(path, limits)
     if img.dtype != np.uint8:
         raise DataError(path, f"rgb image must be 8-bit, got {img.dtype}")
     if img.ndim == 2:
@@ -111,15 +164,23 @@ def read_gt(path: str | Path) -> np.ndarray:
     return img > 0
 
 
-def read_xyz(path: str | Path) -> np.ndarray:
+def read_xyz(path: str | Path, limits: ImageLimits | None = None, allow_nonfinite: bool = False) -> np.ndarray:
     """TIFF -> float32 H x W x 3 organized point cloud in metres; (0, 0, 0) = missing point.
 
     Rejects unreadable/truncated files, non-float data, a shape other than
-    H x W x 3, NaN/Inf coordinates and coordinates beyond ``MAX_COORD_M`` metres.
+    H x W x 3, images outside ``limits`` (checked on the header, before reading),
+    NaN/Inf coordinates (unless ``allow_nonfinite``: the caller judges them) and
+    coordinates beyond ``MAX_COORD_M`` metres.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file does not exist")
+    try:
+        shape = read_tiff_shape(path)
+    except DataError:  # no readable header: the reader below names the problem
+        shape = ()
+    if len(shape) >= 2:
+        _check_size(path, *(shape[:2] if len(shape) == 3 and shape[2] == 3 else shape[-2:]), limits)
     try:
         arr = tifffile.imread(path)
     except Exception as exc:  # tifffile raises many types for broken files
@@ -132,10 +193,10 @@ def read_xyz(path: str | Path) -> np.ndarray:
         raise DataError(path, f"xyz must be floating point (float32 metres), got {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     bad = ~np.isfinite(arr)
-    if bad.any():
+    if bad.any() and not allow_nonfinite:
         n = int(bad.any(axis=2).sum())
         raise DataError(path, f"xyz has {n} points with NaN or Inf coordinates")
-    peak = float(np.abs(arr).max())
+    peak = float(np.abs(np.where(bad, np.float32(0.0), arr) if bad.any() else arr).max())
     if peak > MAX_COORD_M:
         raise DataError(
             path,

@@ -13,7 +13,6 @@ plane computed from xyz (colour-mapped, high = warm, missing points black) | gt.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.data.synth import CATEGORIES, DEFECT_MODALITY, DEFECT_TYPES, SynthStation, generate_dataset
+from edge_runtime.outputs import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, add_json_flag, write_json
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -113,7 +113,8 @@ def _print_summary(summary: dict, seconds: float) -> None:
           + ", ".join(f"{k}={v}" for k, v in DEFECT_MODALITY.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``edge-synth``."""
     ap = argparse.ArgumentParser(prog="edge-synth", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_mutually_exclusive_group(required=True)
@@ -130,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="test images per defect type per category (default 5)")
     ap.add_argument("--index", type=int, default=0, help="--preview: which test part to show (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="write into non-empty category folders")
-    ap.add_argument("--json", metavar="FILE|-", help="also write the summary as JSON (- = stdout)")
+    add_json_flag(ap, "the summary")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     try:
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         picture = preview(station, args.index)
         if not cv2.imwrite(str(args.preview), picture, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
             print(f"edge-synth: {args.preview}: could not write the picture", file=sys.stderr)
-            return 1
+            return EXIT_RUNTIME
         print(f"preview written: {args.preview}")
         return 0
 
@@ -152,16 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                                    args.test_good, args.test_defect, overwrite=args.overwrite)
     except FileExistsError as exc:
         print(f"edge-synth: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     seconds = time.perf_counter() - t0
     summary["seconds"] = round(seconds, 2)
-    if args.json == "-":
-        print(json.dumps(summary, indent=2))
-    else:
+    if args.json != "-":
         _print_summary(summary, seconds)
-        if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    write_json(args.json, summary)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

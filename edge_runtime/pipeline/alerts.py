@@ -6,27 +6,28 @@
 * ``publish(record)`` appends the decision record to the SQLite journal
   (``journal.Journal``) FIRST, then sends it on a PUB channel as the two-part
   message ``[topic, msgpack(record)]`` with topic ``f"{station}.{decision}"``. The
-  socket is an XPUB with ``XPUB_NODROP`` and a bounded ``SNDHWM``, sent with
-  ``NOBLOCK``: when a subscriber's queue is full the send fails at once and the
-  drop is counted (the gateway sees a frame-id gap and replays it). It never blocks.
+  socket is an XPUB with a bounded ``SNDHWM`` per subscriber and libzmq's default
+  policy: a subscriber whose queue is full loses *its own* copy of the message
+  (it sees a frame-id gap and replays it); every other subscriber still gets it.
+  It never blocks, and one stuck gateway can never silence the others.
 * ``tick()`` (called by the alert stage's loop) drains subscription events, answers
   pending replay requests on a ROUTER socket and sends a heartbeat
   ``f"{station}.HEARTBEAT"`` every ``heartbeat_s`` seconds (and at once when a new
   subscriber joins, so a slow joiner learns the run id and last frame id at once).
 * The replay ROUTER answers msgpack requests ``{"op": "replay", "run_id",
   "from_frame_id", "limit"}`` with one ``{"type": "record"}`` message per journaled
-  record in frame-id order and an ``{"type": "end"}`` marker; ``{"op": "status"}``
-  gets the run id, last frame id and counters.
+  record in frame-id order and an ``{"type": "end"}`` marker (with ``to_frame_id``
+  the range is bounded and ids the journal lacks are listed as ``not_found``);
+  ``{"op": "status"}`` gets the run id, last frame id and counters.
 
-Pure helpers for the alert stage: ``regions_from_map`` (connected components of the
-anomaly map, in original-image pixels through CFM's square-pad + resize geometry)
-and ``write_overlay`` (heat-map PNG on the RGB image with a bounded-disk policy).
+``write_overlay`` (heat-map image on the RGB image with a bounded-disk policy) maps
+the anomaly map onto the image through the frame's ``edge_runtime.geometry.MapGeometry``;
+regions come from ``edge_runtime.geometry.regions_from_map``. Nothing here knows a method.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import sqlite3
@@ -41,6 +42,7 @@ import numpy as np
 import zmq
 
 from edge_runtime.errors import DataError
+from edge_runtime.geometry import MapGeometry, map_to_image
 from edge_runtime.pipeline import security
 from edge_runtime.pipeline.journal import DECISIONS, Journal
 
@@ -105,7 +107,8 @@ class AlertPublisher:
         switches the heartbeat to that run.
     allow_remote: permit binding non-loopback addresses (``security.check_bind``).
     curve_clients: directory of allowed client ``*.key`` files (ZAP allow-list).
-    sndhwm: per-subscriber queue bound in messages; beyond it sends are dropped and counted.
+    sndhwm: per-subscriber queue bound in messages; beyond it that subscriber (only)
+        misses messages, which it recovers by replay.
     linger_ms: how long ``close`` may spend flushing queued alerts.
     journal_max_rows / journal_max_age_days / journal_durable: see ``Journal``.
     """
@@ -150,8 +153,7 @@ class AlertPublisher:
         try:
             if curve_clients is not None:
                 self._auth = security.authorize_clients(self._ctx, curve_clients)
-            self._pub = self._ctx.socket(zmq.XPUB)
-            self._pub.setsockopt(zmq.XPUB_NODROP, 1)
+            self._pub = self._ctx.socket(zmq.XPUB)  # no XPUB_NODROP: a full subscriber drops its own copy
             self._pub.sndhwm = sndhwm
             self._pub.linger = linger_ms
             security.set_max_msg(self._pub, MAX_REQUEST_BYTES)  # inbound = subscription frames
@@ -170,6 +172,10 @@ class AlertPublisher:
                     security.apply_curve_server(self._router, curve)
                 security.bind(self._router, replay_endpoint, allow_remote)
                 self.sockets.append(self._router)
+            # as bound (a port ``*`` resolved): where gateways connect
+            self.endpoints = {"alerts": self._pub.getsockopt(zmq.LAST_ENDPOINT).decode()}
+            if self._router is not None:
+                self.endpoints["replay"] = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         except BaseException:
             self._close_sockets()
             self.journal.close()
@@ -182,9 +188,11 @@ class AlertPublisher:
         """Journal ``record`` (validated; ``DataError`` if it breaks the contract),
         then PUB-send it without blocking.
 
-        Returns ``"sent"``, ``"dropped"`` (a subscriber queue was full: counted in
-        ``counts["send_drops"]``, recoverable by replay) or ``"duplicate"`` (this
-        ``(run_id, frame_id)`` was already journaled: not sent again). If the disk
+        Returns ``"sent"`` (handed to every subscriber whose queue has room; a full
+        subscriber misses its copy and recovers it by replay), ``"dropped"`` (the socket
+        refused the message altogether: counted in ``counts["send_drops"]``, recoverable
+        by replay) or ``"duplicate"`` (this ``(run_id, frame_id)`` was already journaled:
+        not sent again). If the disk
         refuses the journal write the alert is still sent live and
         ``counts["journal_errors"]`` grows (it then cannot be replayed).
         """
@@ -209,11 +217,11 @@ class AlertPublisher:
         return "dropped"
 
     def _send(self, parts: list[bytes]) -> bool:
-        """Non-blocking multipart send on the XPUB; False when a subscriber queue is full."""
+        """Non-blocking multipart send on the XPUB; False when the socket refused it."""
         try:
             self._pub.send_multipart(parts, zmq.NOBLOCK)
             return True
-        except zmq.Again:
+        except zmq.ZMQError:
             return False
 
     def heartbeat(self) -> dict:
@@ -298,13 +306,20 @@ class AlertPublisher:
         """Journal records for a replay request, then the end marker."""
         run_id = request.get("run_id") or self.run_id
         start, limit = request.get("from_frame_id"), request.get("limit", MAX_REPLAY_LIMIT)
+        stop = request.get("to_frame_id")
         if not isinstance(run_id, str):
             raise DataError("replay request", f"field 'run_id' must be a string, got {type(run_id).__name__}")
         for name, value, lowest in (("from_frame_id", start, 0), ("limit", limit, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 raise DataError("replay request", f"field {name!r} must be an integer >= {lowest}, got {value!r}")
+        if stop is not None and (not isinstance(stop, int) or isinstance(stop, bool) or stop < start):
+            raise DataError("replay request", f"field 'to_frame_id' must be an integer >= from_frame_id, got {stop!r}")
         limit = min(limit, MAX_REPLAY_LIMIT)
+        if stop is not None:
+            limit = min(limit, stop - start + 1)
         records = self.journal.since(start, run_id=run_id, limit=limit + 1)
+        if stop is not None:
+            records = [r for r in records if r["frame_id"] <= stop]
         more = len(records) > limit
         records = records[:limit]
         end = {
@@ -316,6 +331,10 @@ class AlertPublisher:
             "more": more,
             "last_frame_id": self.journal.last_frame_id(run_id),
         }
+        if stop is not None:  # a bounded request: name the ids the journal does not have
+            found = {r["frame_id"] for r in records}
+            end["to_frame_id"] = stop
+            end["not_found"] = [i for i in range(start, start + limit) if i not in found]
         return [{"type": "record", "req_id": req_id, "record": r} for r in records] + [end]
 
     def _reply(self, envelope: list[bytes], messages: list[dict]) -> None:
@@ -352,84 +371,6 @@ class AlertPublisher:
         self.close()
 
 
-# -- geometry: anomaly-map grid <-> original image ------------------------------------
-
-
-def pad_geometry(image_shape: tuple[int, ...], pad_multiple: int = 100) -> tuple[int, int, int]:
-    """CFM's square pad of an H x W image: ``(side, top, left)`` in image pixels.
-
-    side = max(H, W) rounded up to a multiple of ``pad_multiple`` (the released CFM
-    preprocessing, ``edge_runtime.data.depth.square_pad``), the image centred with
-    ``top = (side - H) // 2`` and ``left = (side - W) // 2``. The padded square is then
-    resized to the model's R x R grid, so one grid cell spans ``side / R`` pixels.
-    """
-    h, w = int(image_shape[0]), int(image_shape[1])
-    if h < 1 or w < 1:
-        raise DataError(None, f"image shape must be positive H x W, got {tuple(image_shape)}")
-    side = math.ceil(max(h, w) / pad_multiple) * pad_multiple
-    return side, (side - h) // 2, (side - w) // 2
-
-
-def regions_from_map(
-    amap: np.ndarray,
-    threshold: float,
-    image_shape: tuple[int, ...],
-    min_area: int = 32,
-    *,
-    pad_multiple: int = 100,
-    max_regions: int = 32,
-) -> list[dict]:
-    """Anomalous regions: 8-connected components of ``amap > threshold``.
-
-    amap: R x R anomaly map on the model grid (square-padded, resized image).
-    threshold: pixel threshold in the map's units. image_shape: the original (H, W[, C]).
-    min_area: smallest region kept, in original-image pixels.
-    Grid cells whose centre falls in the padding are ignored. Returns at most
-    ``max_regions`` dicts ``{"x", "y", "w", "h", "area", "max_score"}`` (bounding box
-    and area in original-image pixels, area = cells x (side/R)^2 capped at w*h;
-    max_score = the region's peak map value), highest peak first.
-    """
-    amap = np.asarray(amap)
-    if amap.ndim != 2 or amap.shape[0] != amap.shape[1] or amap.shape[0] == 0:
-        raise DataError(None, f"anomaly map must be a square R x R array, got shape {amap.shape}")
-    h, w = int(image_shape[0]), int(image_shape[1])
-    side, top, left = pad_geometry(image_shape, pad_multiple)
-    grid = amap.shape[0]
-    cell = side / grid  # image pixels per grid cell
-    centres = (np.arange(grid) + 0.5) * cell
-    rows_in = (centres >= top) & (centres < top + h)
-    cols_in = (centres >= left) & (centres < left + w)
-    mask = (amap > threshold) & rows_in[:, None] & cols_in[None, :]
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n <= 1:
-        return []
-    peak = np.full(n, -np.inf)
-    np.maximum.at(peak, labels[mask], amap[mask].astype(np.float64))
-    gx, gy, gw, gh, cells = (stats[1:, i] for i in range(5))
-    x0 = np.clip(np.floor(gx * cell - left), 0, w).astype(int)
-    y0 = np.clip(np.floor(gy * cell - top), 0, h).astype(int)
-    x1 = np.clip(np.ceil((gx + gw) * cell - left), 0, w).astype(int)
-    y1 = np.clip(np.ceil((gy + gh) * cell - top), 0, h).astype(int)
-    area = np.minimum(np.round(cells * cell * cell), (x1 - x0) * (y1 - y0)).astype(int)
-    peak = peak[1:]
-    keep = np.flatnonzero(area >= min_area)
-    keep = keep[np.argsort(-peak[keep], kind="stable")][:max_regions]
-    return [
-        {"x": int(x0[i]), "y": int(y0[i]), "w": int(x1[i] - x0[i]), "h": int(y1[i] - y0[i]),
-         "area": int(area[i]), "max_score": float(peak[i])}
-        for i in keep
-    ]  # fmt: skip
-
-
-def map_to_image(amap: np.ndarray, image_shape: tuple[int, ...], pad_multiple: int = 100) -> np.ndarray:
-    """The R x R map resampled (bilinear) onto the original H x W image: undo the
-    square pad + resize of ``pad_geometry``. float32 H x W, the map's units."""
-    h, w = int(image_shape[0]), int(image_shape[1])
-    side, top, left = pad_geometry(image_shape, pad_multiple)
-    full = cv2.resize(np.asarray(amap, dtype=np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-    return full[top : top + h, left : left + w]
-
-
 def write_overlay(
     path: str | Path,
     rgb: np.ndarray,
@@ -437,17 +378,18 @@ def write_overlay(
     *,
     vmax: float | None = None,
     regions: list[dict] | None = None,
+    geometry: MapGeometry | None = None,
     alpha: float = 0.5,
     max_files: int = 500,
     max_mb: float = 256.0,
-    pad_multiple: int = 100,
 ) -> Path:
     """Write a heat-map overlay image and keep its directory within a disk budget.
 
     path: ``*.png`` (lossless) or ``*.jpg`` / ``*.jpeg`` (quality 90, an order of
     magnitude faster to encode at 800 x 600: docs/alerts.md).
-    rgb: uint8 H x W x 3, RGB order. amap: R x R map on the model grid (mapped back
-    with ``map_to_image``). The map is colour-mapped (OpenCV JET) over [0, vmax]
+    rgb: uint8 H x W x 3, RGB order. amap: the map on the model grid, mapped back with
+    ``edge_runtime.geometry.map_to_image`` through ``geometry`` (the frame's header
+    "geometry"; default: the map covers exactly the image). The map is colour-mapped (OpenCV JET) over [0, vmax]
     (vmax default: the map's own maximum; pass e.g. 2 x threshold for a scale that
     is comparable between frames) and blended with weight ``alpha``; ``regions``
     boxes are drawn in white. The file is written atomically (temp file + rename).
@@ -463,7 +405,7 @@ def write_overlay(
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise DataError(path, f"overlay needs an H x W x 3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-    heat = map_to_image(amap, rgb.shape, pad_multiple)
+    heat = map_to_image(amap, rgb.shape, geometry or MapGeometry.identity(rgb.shape))
     top = float(np.max(heat)) if vmax is None else float(vmax)
     scaled = np.clip(heat * (255.0 / top), 0, 255) if top > 0 else np.zeros_like(heat)
     colour = cv2.applyColorMap(scaled.astype(np.uint8), cv2.COLORMAP_JET)

@@ -218,15 +218,25 @@ def apply_curve_client(
     return keys
 
 
+def check_clients_dir(clients_dir: str | Path) -> Path:
+    """The allow-list directory, checked: it exists and holds at least one ``*.key``
+    (each a valid certificate). ``DataError`` naming the directory or file otherwise."""
+    clients_dir = Path(clients_dir)
+    if not clients_dir.is_dir():
+        raise DataError(clients_dir, "client key directory does not exist")
+    keys = sorted(clients_dir.glob("*.key"))
+    if not keys:
+        raise DataError(clients_dir, "no client public keys (*.key) in the directory: nobody could connect")
+    for key in keys:
+        load_public_key(key)
+    return clients_dir
+
+
 def authorize_clients(context: zmq.Context, clients_dir: str | Path) -> ThreadAuthenticator:
     """Start a ZAP handler on ``context`` accepting only CURVE clients whose public
     key is in a ``*.key`` file in ``clients_dir``. Applies to every CURVE server
     socket of that context; call ``.stop()`` on the result before closing the context."""
-    clients_dir = Path(clients_dir)
-    if not clients_dir.is_dir():
-        raise DataError(clients_dir, "client key directory does not exist")
-    if not any(clients_dir.glob("*.key")):
-        raise DataError(clients_dir, "no client public keys (*.key) in the directory: nobody could connect")
+    clients_dir = check_clients_dir(clients_dir)
     auth = ThreadAuthenticator(context)
     auth.start()
     auth.configure_curve(domain="*", location=str(clients_dir))

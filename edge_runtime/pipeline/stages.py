@@ -5,8 +5,10 @@ directly. A frame (``wire.Frame``) carries a header and named arrays; each stage
 ``header["t"][stage] = [entry_ns, exit_ns]`` (``time.time_ns()``).
 
 * capture    ``capture_frame``: a source's ``Captured`` -> frame with arrays "rgb", "xyz".
-* preprocess ``preprocess_frame``: validates rgb/xyz, runs ``Detector.preprocess`` ->
-  arrays "in:<name>" (the model inputs; plus "rgb" when heat-maps are wanted).
+* preprocess ``preprocess_frame``: validates rgb/xyz, runs the method's preprocessor
+  (``Preprocessing``: ``Method.preprocessor``, never the model) -> arrays "in:<name>" (the
+  model inputs; plus "rgb" when heat-maps are wanted) and header "geometry" (where the
+  anomaly map lies on the image, ``edge_runtime.geometry.MapGeometry``).
 * infer      ``infer_frames``: ``Detector.infer`` / ``infer_batch``, then ``decide``
   -> header score / threshold / status / reason / regions (NOT_OK only).
 * alert      ``build_record``: frame -> the decision record published and journaled.
@@ -23,18 +25,42 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from edge_runtime.data.io import DEFAULT_LIMITS, ImageLimits
 from edge_runtime.errors import DataError
+from edge_runtime.geometry import MapGeometry
 from edge_runtime.pipeline.stats import stage_ms
 from edge_runtime.pipeline.wire import ALLOWED_DTYPES, SCHEMA, Frame
 
 INPUT_PREFIX = "in:"  # model inputs on the wire: "in:<name>" for each key of preprocess()'s dict
+MAX_REASON = 1000  # characters of a reason kept (the wire allows 2048, a record 4096)
 
-# regions_fn(amap, threshold, image_shape) -> list of region dicts (alerts.regions_from_map)
-RegionsFn = Callable[[np.ndarray, float, tuple[int, int]], list]
+# regions_fn(amap, threshold, image_shape, geometry) -> list of region dicts
+# (edge_runtime.geometry.regions_from_map)
+RegionsFn = Callable[[np.ndarray, float, tuple[int, int], MapGeometry], list]
+
+
+@dataclass
+class Preprocessing:
+    """What the preprocess stage runs: the method's preprocessor (no model weights).
+
+    preprocess(rgb, xyz) -> {name: ndarray}; geometry(image_shape) -> MapGeometry;
+    needs_xyz: a frame without a point cloud is NOT_DECIDABLE; name: for the log."""
+
+    preprocess: Callable[[np.ndarray, "np.ndarray | None"], dict]
+    geometry: Callable[[tuple[int, ...]], MapGeometry] = MapGeometry.identity
+    needs_xyz: bool = False
+    name: str = "preprocess"
+
+
+def short(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` cut to ``limit`` characters (marked with "...")."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def now_ns() -> int:
@@ -50,9 +76,16 @@ def stamp(frame: Frame, stage: str, entry_ns: int, exit_ns: int | None = None) -
 def fail(frame: Frame, status: str, reason: str) -> Frame:
     """Give ``frame`` a final status (ERROR, NOT_DECIDABLE, DROPPED) and drop its arrays."""
     frame.header["status"] = status
-    frame.header["reason"] = reason
+    frame.header["reason"] = short(reason)
     frame.arrays = {}
     return frame
+
+
+def error_frame(ident: dict, reason: str) -> Frame:
+    """An ERROR frame for an identity salvaged from a message that failed validation
+    (``wire.salvage_identity``)."""
+    header = {"schema": SCHEMA, "kind": "frame", **ident, "image_shape": None}
+    return fail(Frame(header), "ERROR", reason)
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,13 +102,15 @@ def capture_frame(captured, station: str, run_id: str, frame_id: int) -> Frame:
     """
     header = {"schema": SCHEMA, "kind": "frame", "station": station, "run_id": run_id,
               "frame_id": int(frame_id), "capture_ns": int(captured.capture_ns), "source": captured.source,
-              "image_shape": None, "status": None, "reason": None}
+              "category": getattr(captured, "category", None), "image_shape": None, "status": None,
+              "reason": None}
     frame = Frame(header)
     if captured.error is not None:
-        fail(frame, "ERROR", captured.error)
+        fail(frame, getattr(captured, "status", None) or "ERROR", captured.error)
     else:
-        if isinstance(captured.rgb, np.ndarray) and captured.rgb.ndim >= 2:
-            header["image_shape"] = [int(captured.rgb.shape[0]), int(captured.rgb.shape[1])]
+        rgb = captured.rgb
+        if isinstance(rgb, np.ndarray) and rgb.ndim >= 2 and min(rgb.shape[:2]) >= 1:
+            header["image_shape"] = [int(rgb.shape[0]), int(rgb.shape[1])]  # else preprocess refuses it
         frame.arrays["rgb"] = captured.rgb
         if captured.xyz is not None:
             frame.arrays["xyz"] = captured.xyz
@@ -91,25 +126,38 @@ def drop_frame(frame: Frame, queue_depth: int) -> Frame:
 # preprocess
 
 
-def check_inputs(rgb: Any, xyz: Any) -> tuple[str, str] | None:
+def check_inputs(rgb: Any, xyz: Any, limits: ImageLimits | None = None,
+                 needs_xyz: bool = False) -> tuple[str, str] | None:
     """Why a frame cannot be inspected, as (status, reason), or None when it can.
 
-    rgb must be uint8 H x W x 3; xyz (optional) float32 / float64 H x W x 3 in metres,
-    the same H x W. Wrong types / shapes -> ERROR; a point cloud with NaN / Inf
-    coordinates or without a single valid (non-zero) point -> NOT_DECIDABLE.
+    rgb must be uint8 H x W x 3 within ``limits`` (sides, pixels, aspect ratio;
+    default ``io.DEFAULT_LIMITS``); xyz (optional unless ``needs_xyz``) float32 /
+    float64 H x W x 3 in metres, the same H x W. Wrong types / shapes / sizes -> ERROR;
+    a missing point cloud the model needs, one with NaN / Inf coordinates or without a
+    single valid (non-zero) point -> NOT_DECIDABLE.
     """
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 \
             or min(rgb.shape[:2]) < 1:
         got = f"{rgb.dtype} {list(rgb.shape)}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
         return "ERROR", f"rgb: expected uint8 H x W x 3, got {got}"
+    problem = (limits or DEFAULT_LIMITS).problem(rgb.shape[0], rgb.shape[1])
+    if problem is not None:
+        return "ERROR", f"rgb: {problem}"
     if xyz is None:
-        return None
+        return ("NOT_DECIDABLE", "xyz: this model needs a point cloud for every frame (got none)") \
+            if needs_xyz else None
     if not isinstance(xyz, np.ndarray) or xyz.dtype not in (np.float32, np.float64) or xyz.ndim != 3 \
             or xyz.shape[2] != 3:
         got = f"{xyz.dtype} {list(xyz.shape)}" if isinstance(xyz, np.ndarray) else type(xyz).__name__
         return "ERROR", f"xyz: expected float32 H x W x 3 (metres), got {got}"
     if xyz.shape[:2] != rgb.shape[:2]:
         return "ERROR", f"xyz: {xyz.shape[0]}x{xyz.shape[1]} does not match rgb {rgb.shape[0]}x{rgb.shape[1]}"
+    return check_points(xyz)
+
+
+def check_points(xyz: np.ndarray) -> tuple[str, str] | None:
+    """The one rule for point-cloud content, whatever the source (file or camera):
+    NaN / Inf coordinates or no valid (non-zero) point -> NOT_DECIDABLE with the reason."""
     finite = np.isfinite(xyz).all(axis=2)
     if not finite.all():
         return "NOT_DECIDABLE", f"xyz has {int((~finite).sum())} points with NaN or Inf coordinates"
@@ -118,22 +166,30 @@ def check_inputs(rgb: Any, xyz: Any) -> tuple[str, str] | None:
     return None
 
 
-def preprocess_frame(det, frame: Frame, keep_rgb: bool = False) -> Frame:
-    """Check the frame's rgb / xyz and run ``det.preprocess`` (the depth preprocessing).
+def preprocess_frame(det, frame: Frame, keep_rgb: bool = False, limits: ImageLimits | None = None) -> Frame:
+    """Check the frame's rgb / xyz and run ``det.preprocess`` (a ``Preprocessing``, or
+    anything with that method: the depth preprocessing).
 
     Output arrays: "in:<key>" for each array ``det.preprocess`` returns, plus the original
-    "rgb" when ``keep_rgb`` (heat-map overlays). Failures: ``check_inputs``' verdict; a
-    ``DataError`` from the detector -> NOT_DECIDABLE with its problem (the detector refuses
-    this input, e.g. nothing left after background removal); any other exception, or a
-    result that cannot go on the wire -> ERROR.
+    "rgb" when ``keep_rgb`` (heat-map overlays); header "geometry" from ``det.geometry``
+    (identity when it has none). Failures: ``check_inputs``' verdict; a ``DataError``
+    from the preprocessor -> NOT_DECIDABLE with its problem (it refuses this input, e.g.
+    nothing left after background removal); any other exception, or a result that
+    cannot go on the wire -> ERROR.
     """
     entry = now_ns()
     if frame.header.get("status") is not None:
         return frame
     rgb, xyz = frame.arrays.get("rgb"), frame.arrays.get("xyz")
-    verdict = check_inputs(rgb, xyz)
+    verdict = check_inputs(rgb, xyz, limits, bool(getattr(det, "needs_xyz", False)))
     if verdict is not None:
         return stamp(fail(frame, *verdict), "preprocess", entry)
+    try:
+        geometry = getattr(det, "geometry", MapGeometry.identity)(rgb.shape)
+        frame.header["geometry"] = [int(v) for v in geometry]
+    except Exception as exc:
+        return stamp(fail(frame, "ERROR", f"preprocess: no map geometry: {type(exc).__name__}: {exc}"),
+                     "preprocess", entry)
     try:
         inputs = det.preprocess(rgb, xyz)
     except DataError as exc:
@@ -206,8 +262,9 @@ def infer_frames(det, frames: list[Frame], thresholds: dict | None, regions_fn: 
     timings, ms), worker, and for NOT_OK frames regions = ``regions_fn(amap,
     thresholds["pixel"], image_shape)`` (connected components in original-image pixels;
     [] without a pixel threshold). Arrays kept: "amap" and "rgb" for NOT_OK frames when
-    ``keep_map`` (heat-map overlays), else none. Exceptions -> ERROR with the reason. All
-    frames get the same infer stamp (the batch's span).
+    ``keep_map`` (heat-map overlays), else none. Regions are placed on the image through
+    the frame's header "geometry" (identity when absent). Exceptions -> ERROR with the
+    reason. All frames get the same infer stamp (the batch's span).
     """
     entry = now_ns()
     todo = [f for f in frames if f.header.get("status") is None]
@@ -233,7 +290,14 @@ def infer_frames(det, frames: list[Frame], thresholds: dict | None, regions_fn: 
         frame.arrays = {}
         if decision == "NOT_OK":
             if regions_fn is not None and pixel_thr is not None and header.get("image_shape"):
-                header["regions"] = regions_fn(amap, float(pixel_thr), tuple(header["image_shape"]))
+                shape = tuple(header["image_shape"])
+                geometry = (MapGeometry.from_wire(header["geometry"]) if header.get("geometry")
+                            else MapGeometry.identity(shape))
+                try:
+                    header["regions"] = regions_fn(amap, float(pixel_thr), shape, geometry)
+                except DataError as exc:  # a malformed map costs the regions, not the decision
+                    header["regions"] = []
+                    header["reason"] = short(f"regions not computed: {exc.problem}")
             if keep_map and rgb is not None:
                 frame.arrays = {"amap": amap, "rgb": rgb}
     exit_ns = now_ns()

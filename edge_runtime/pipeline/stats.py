@@ -33,6 +33,8 @@ from edge_runtime.pipeline.wire import DECISIONS
 
 STAGES = ("capture", "preprocess", "infer", "alert")
 MAX_REASONS = 50  # distinct reason strings kept; the rest are counted under "(other)"
+MAX_CATEGORIES = 64  # distinct categories counted; the rest under "(other)"
+REASON_CHARS = 160  # a reason's length in the printed summary
 
 
 class Window:
@@ -126,6 +128,10 @@ class FrameLedger:
         """Ids below ``captured`` without a record, ascending."""
         return [i for i in range(self.low, captured) if i not in self.above]
 
+    def gaps(self) -> list[int]:
+        """Ids without a record below the highest id recorded (still in flight, or lost)."""
+        return self.missing(self._max)
+
 
 class RunStats:
     """Accumulates decision records; ``snapshot()`` gives the figures described above."""
@@ -135,6 +141,7 @@ class RunStats:
         self.counts = Counter({d: 0 for d in DECISIONS})
         self.reasons: Counter = Counter()
         self.duplicates = 0
+        self.by_category: dict[str, Counter] = {}
         self.captured: int | None = None
         self.stage = {s: Window(window) for s in STAGES}
         self.wait = {s: Window(window) for s in STAGES[1:]}
@@ -147,10 +154,16 @@ class RunStats:
         self.last_decision_ns: int | None = None
         self.inspected = 0  # timed frames
 
-    def add(self, record: dict[str, Any], stamps: dict[str, list[int]], infer_ms: dict[str, float] | None) -> None:
-        """Count one decision record; ``stamps`` are the frame's per-stage [entry, exit] ns."""
+    def add(self, record: dict[str, Any], stamps: dict[str, list[int]], infer_ms: dict[str, float] | None,
+            category: str | None = None) -> None:
+        """Count one decision record; ``stamps`` are the frame's per-stage [entry, exit] ns;
+        ``category``: the part's category when the source knows it."""
         decision = record["decision"]
         self.counts[decision] += 1
+        if category is not None:
+            if category not in self.by_category and len(self.by_category) >= MAX_CATEGORIES:
+                category = "(other)"
+            self.by_category.setdefault(category, Counter())[decision] += 1
         if record.get("reason"):
             known = record["reason"] in self.reasons or len(self.reasons) < MAX_REASONS
             self.reasons[record["reason"] if known else "(other)"] += 1
@@ -192,6 +205,7 @@ class RunStats:
                 "infer_steps": {k: w.summary() for k, w in self.infer_steps.items()},
             },
             "reasons": dict(self.reasons.most_common()),
+            "categories": {c: {d: n[d] for d in DECISIONS} for c, n in sorted(self.by_category.items())},
         }
 
 
@@ -233,8 +247,19 @@ def format_summary(snap: dict[str, Any]) -> str:
     for name, s in rows:
         if s.get("n"):
             lines.append(f"{name:<22}{s['p50']:>9.2f}{s['p95']:>9.2f}{s['p99']:>9.2f}{s['max']:>9.2f}")
+    categories = snap.get("categories") or {}
+    if categories:
+        lines.append("per category:")
+        for cat, counts in categories.items():
+            lines.append(f"  {cat}: " + ", ".join(f"{d} {counts[d]}" for d in DECISIONS if counts.get(d)))
     if snap["reasons"]:
-        lines.append("reasons: " + "; ".join(f"{r} x{n}" for r, n in list(snap["reasons"].items())[:10]))
+        lines.append("reasons (frames, reason):")
+        reasons = list(snap["reasons"].items())
+        for reason, n in reasons[:10]:
+            text = reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 3] + "..."
+            lines.append(f"  {n:>7}  {text}")
+        if len(reasons) > 10:
+            lines.append(f"  ... and {len(reasons) - 10} more reasons (--json has them all)")
     return "\n".join(lines)
 
 

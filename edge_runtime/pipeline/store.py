@@ -9,20 +9,22 @@ Layout (``store_dir()``)::
         .lock                                         serialises demo builds
 
 ``--model`` (edge-run, edge-calibrate ...) takes a bundle directory or a store name.
-The names ``cfm-tiny``, ``cfm-small``, ``cfm-medium`` and ``cfm-full`` are *demo* bundles:
-when absent, ``resolve_model`` builds one, once, with no download:
+The *demo* names come from the methods (``edge_runtime.methods.demos()``: each method
+lists its ``Demo`` entries; nothing here names a method). When absent, ``resolve_model``
+builds one, once, with no download:
 
-1. ``edge_runtime.data.synth.generate_dataset`` writes a small synthetic station dataset
-   (one category) into the store;
-2. ``edge-train`` then ``edge-calibrate`` run as subprocesses (``python -m train.cli``,
-   ``python -m calibrate.cli``: this package never imports the tools), their progress
-   streamed to the terminal;
-3. the manifest gets a ``demo`` entry (label "demo: synthetic data, random-initialised
-   extractors", and the synthetic station settings the live demo must stream), and the
-   finished bundle is moved into place atomically (a half-built bundle never appears).
+1. the demo's data: its ``data`` callable's dataset when it offers one (e.g. real
+   images beside the repository), else ``edge_runtime.data.synth.generate_dataset``
+   writes a small synthetic station dataset (the demo's categories) into the store;
+2. ``edge-train --method <method> <demo.train_args>`` then ``edge-calibrate
+   <demo.calibrate_args>`` run as subprocesses (``python -m train.cli``, ``python -m
+   calibrate.cli``: this package never imports the tools), their output streamed to stderr;
+3. the manifest gets a ``demo`` entry (label, and the synthetic station settings the live
+   demo must stream), and the finished bundle is moved into place atomically (a
+   half-built bundle never appears).
 
 The extractors are random-initialised (no pretrained weights offline), so a demo bundle
-shows the runtime working end to end; its decisions say nothing about CFM's accuracy.
+shows the runtime working end to end; its decisions say nothing about a method's accuracy.
 """
 
 from __future__ import annotations
@@ -39,17 +41,37 @@ from typing import Callable
 from edge_runtime.errors import BundleError
 
 DEMO_LABEL = "demo: synthetic data, random-initialised extractors"
-# The synthetic station the demos are trained on; edge-run streams the same station.
+# The synthetic station the demos are trained on (a demo's synth_args may change size and
+# seed; its first category is streamed); edge-run streams the same station.
 DEMO_SYNTH = {"size": 224, "seed": 0, "category": "puck"}
-# Dataset per demo build (one category): train / validation (calibration) / test images.
+# Dataset per demo build: train / validation (calibration) / test images per category.
 DEMO_DATA = {"n_train": 8, "n_val": 10, "n_test_good": 2, "n_test_defect": 1}
 DEMO_TARGET_FPR = 0.1  # the quantile threshold needs >= 9 good calibration images at 10 %
-# edge-train arguments of every demo: a short run (CPU minutes), Point-MAE grouping and the
-# mappers' grid reduced from the paper's 1024 x 128 groups and 224 x 224 so a CPU streams
-# at about a frame per second; the variant sets the depth (the paper's pruning).
-DEMO_TRAIN_ARGS = ["--epochs", "5", "--pixels-per-image", "256", "--num-groups", "256", "--group-size", "32",
-                   "--mapper-resolution", "56"]
-DEMO_MODELS: dict[str, str] = {"cfm-tiny": "tiny", "cfm-small": "small", "cfm-medium": "medium", "cfm-full": "full"}
+
+
+def demo_models() -> dict[str, tuple[str, object]]:
+    """{demo name: (method name, Demo)} over every installed method."""
+    from edge_runtime import methods
+
+    return {d.name: (m, d) for m in methods.names() for d in methods.get(m).demos}
+
+
+def default_model() -> str:
+    """The demo ``edge-run`` uses without ``--model`` (``methods.default_demo()``)."""
+    from edge_runtime import methods
+
+    return methods.default_demo()
+
+
+def _synth_settings(demo) -> dict:
+    """The synthetic station a demo trains on: DEMO_SYNTH with its --size / --seed
+    synth_args and its first category."""
+    synth = dict(DEMO_SYNTH, category=(list(demo.categories) or [DEMO_SYNTH["category"]])[0])
+    args = list(demo.synth_args or [])
+    for flag, key in (("--size", "size"), ("--seed", "seed")):
+        if flag in args[:-1]:
+            synth[key] = int(args[args.index(flag) + 1])
+    return synth
 
 
 def runtime_home() -> Path:
@@ -81,19 +103,20 @@ def resolve_model(spec: str, build: bool = True, log: Callable[[str], None] = pr
     named = store / spec
     if "/" not in spec and (named / "manifest.json").is_file():
         return named
-    if spec in DEMO_MODELS and build:
+    demos = demo_models()
+    if spec in demos and build:
         return build_demo_bundle(spec, store, log)
     if path.exists():
         raise BundleError(f"{path}: not a model bundle (no manifest.json)")
     raise BundleError(
         f"unknown model {spec!r}: not a bundle directory, not in the model store {store} "
-        f"(has: {', '.join(list_models(store)) or 'nothing'}), and not a demo name ({', '.join(DEMO_MODELS)})")
+        f"(has: {', '.join(list_models(store)) or 'nothing'}), and not a demo name ({', '.join(demos) or 'none'})")
 
 
 def bundle_info(bundle: str | Path) -> dict:
     """What the runtime shows and stamps about a bundle: {"model" (method-variant),
     "bundle_hash", "calibrated", "thresholds", "demo" (the demo entry or None),
-    "warnings", "category" (training category or None)}."""
+    "warnings", "category" (training category or None), "manifest"}. Imports no torch."""
     from edge_runtime.bundle import bundle_hash, read_manifest
 
     manifest = read_manifest(bundle)
@@ -106,6 +129,7 @@ def bundle_info(bundle: str | Path) -> dict:
         "demo": manifest.get("demo"),
         "warnings": list(manifest.get("warnings") or []),
         "category": (manifest.get("training") or {}).get("category"),
+        "manifest": manifest,
     }
 
 
@@ -128,10 +152,12 @@ def build_demo_bundle(name: str, store: Path | None = None, log: Callable[[str],
     bundle built. The synthetic dataset is kept for later demo builds.
     """
     from edge_runtime.bundle import update_manifest
-    from edge_runtime.data.synth import generate_dataset
+    from edge_runtime.data import synth as synth_module
 
-    if name not in DEMO_MODELS:
-        raise BundleError(f"{name!r} is not a demo model ({', '.join(DEMO_MODELS)})")
+    demos = demo_models()
+    if name not in demos:
+        raise BundleError(f"{name!r} is not a demo model ({', '.join(demos) or 'none installed'})")
+    method, demo = demos[name]
     store = store or store_dir()
     store.mkdir(parents=True, exist_ok=True)
     final = store / name
@@ -141,26 +167,37 @@ def build_demo_bundle(name: str, store: Path | None = None, log: Callable[[str],
             return final
         log(f"model {name!r} is not in the store {store}: building it once ({DEMO_LABEL}); "
             "later runs reuse it")
-        data = store / ".demo-data" / f"synth-{DEMO_SYNTH['size']}px-seed{DEMO_SYNTH['seed']}"
-        category = DEMO_SYNTH["category"]
-        if not (data / ".complete").is_file():
-            t0 = time.monotonic()
-            log(f"demo build: generating the synthetic dataset {data} ({category}, {DEMO_DATA})")
-            generate_dataset(data, size=DEMO_SYNTH["size"], seed=DEMO_SYNTH["seed"], categories=[category],
-                             overwrite=True, **DEMO_DATA)
-            (data / ".complete").touch()
-            log(f"demo build: dataset done in {time.monotonic() - t0:.0f} s")
+        synth = _synth_settings(demo)
+        offered = demo.data() if callable(demo.data) else None
+        if offered is not None:
+            data, category, description = offered
+            label = f"demo: {description}"
+            log(f"demo build: training on {description} ({data}, {category})")
+        else:
+            label = DEMO_LABEL
+            categories = list(demo.categories) or [synth["category"]]
+            category = synth["category"]
+            data = store / ".demo-data" / (f"synth-{synth['size']}px-seed{synth['seed']}-"
+                                           + "-".join(sorted(categories)))
+            if not (data / ".complete").is_file():
+                t0 = time.monotonic()
+                log(f"demo build: generating the synthetic dataset {data} ({', '.join(categories)}, {DEMO_DATA})")
+                synth_module.generate_dataset(data, size=synth["size"], seed=synth["seed"], categories=categories,
+                                              overwrite=True, **DEMO_DATA)
+                (data / ".complete").touch()
+                log(f"demo build: dataset done in {time.monotonic() - t0:.0f} s")
         work = store / f".build-{name}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         try:
-            _run_tool([sys.executable, "-m", "train.cli", "--method", "cfm", "--variant", DEMO_MODELS[name],
-                       *DEMO_TRAIN_ARGS,
+            _run_tool([sys.executable, "-m", "train.cli", "--method", method, *demo.train_args,
                        "--data", str(data), "--category", category, "--out", str(work), "--seed", "0"],
                       "edge-train", log)
             _run_tool([sys.executable, "-m", "calibrate.cli", "--model", str(work), "--data", str(data),
-                       "--category", category, "--split", "validation", "--target-fpr", str(DEMO_TARGET_FPR)],
+                       "--category", category, "--split", "validation", "--target-fpr", str(DEMO_TARGET_FPR),
+                       *demo.calibrate_args],
                       "edge-calibrate", log)
-            update_manifest(work, demo={"label": DEMO_LABEL, "synth": dict(DEMO_SYNTH), "data": str(data)})
+            update_manifest(work, demo={"label": label, "synth": dict(synth, category=category) if offered is None
+                                        else None, "data": str(data)})
             os.replace(work, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)

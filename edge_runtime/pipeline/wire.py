@@ -123,6 +123,12 @@ def _shape2(v: Any) -> bool:
     return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
 
 
+def _geometry(v: Any) -> bool:
+    """[canvas_h, canvas_w, top, left] (edge_runtime.geometry.MapGeometry on the wire)."""
+    return (isinstance(v, list) and len(v) == 4 and all(_is_int(x) and 0 <= x <= 1 << 31 for x in v)
+            and v[0] > 0 and v[1] > 0)
+
+
 # key -> validator. Everything but "schema" and "arrays" is optional on the wire; stages
 # fill the keys they own (see docs/wire.md for who writes what).
 HEADER_KEYS: dict[str, Callable[[Any], bool]] = {
@@ -134,6 +140,8 @@ HEADER_KEYS: dict[str, Callable[[Any], bool]] = {
     "capture_ns": lambda v: _is_int(v) and v >= 0,
     "source": _opt(_str_max(1024)),
     "image_shape": _opt(_shape2),
+    "geometry": _opt(_geometry),
+    "category": _opt(_str_max(128)),
     "t": _stamps,
     "status": _opt(lambda v: v in DECISIONS),
     "reason": _opt(_str_max(2048)),
@@ -159,7 +167,7 @@ def _check_header(header: Any, where: str, allowed: Iterable[str]) -> None:
     allowed = set(allowed)
     for key, value in header.items():
         if key not in allowed:
-            raise WireError(where, f"unknown header key {key!r} (allowed: {', '.join(sorted(allowed))})")
+            raise WireError(where, f"unknown header key {_short(key)} (allowed: {', '.join(sorted(allowed))})")
         if not HEADER_KEYS[key](value):
             raise WireError(where, f"header key {key!r} has an invalid value {_short(value)}")
 
@@ -274,6 +282,30 @@ def _check_array_meta(m: Any, i: int, where: str) -> str:
         raise WireError(where, f"array {name!r}: shape must be a list of at most {MAX_NDIM} non-negative ints, "
                                f"got {_short(shape)}")
     return name
+
+
+def salvage_identity(parts: list) -> dict | None:
+    """The frame identity (station, run_id, frame_id, capture_ns, source, category) of a
+    message that ``decode`` refused, when its header still carries a valid one; else None.
+
+    Lets a stage turn an internal frame that fails validation into one ERROR record
+    instead of losing its id (docs/wire.md, "Flow control and loss accounting")."""
+    try:
+        header = msgpack.unpackb(_nbytes(parts[0]), raw=False, strict_map_key=True,
+                                 max_str_len=MAX_HEADER_BYTES, max_bin_len=0, max_ext_len=0)
+    except Exception:
+        return None
+    if not isinstance(header, dict):
+        return None
+    ident = {}
+    for key in ("station", "run_id", "frame_id", "capture_ns"):
+        if key not in header or not HEADER_KEYS[key](header[key]):
+            return None
+        ident[key] = header[key]
+    for key in ("source", "category"):
+        value = header.get(key)
+        ident[key] = value if HEADER_KEYS[key](value) else None
+    return ident
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from edge_runtime.errors import DataError
-from edge_runtime.models.cfm import CFMModel
+from edge_runtime.methods.cfm.model import CFMModel
 
 
 @dataclass
@@ -107,3 +107,15 @@ def extract_features(model: CFMModel, inputs: Sequence[dict[str, np.ndarray]], d
     bar.close()
     cache.seconds = time.perf_counter() - t0
     return cache
+
+
+def standardize_cache(model: CFMModel, cache: FeatureCache) -> None:
+    """For ``cfg.standardize``: set the model's per-channel statistics from every cached
+    (raw) training pixel, then standardise the cache in place, so training sees exactly
+    what inference computes (``CFMModel.align`` applies the same statistics)."""
+    x2d = torch.cat([x.float() for x in cache.x2d])
+    x3d = torch.cat([x.float() for x in cache.x3d])
+    model.set_statistics(x2d, x3d)
+    for feats, mean, std in ((cache.x2d, model.mean_2d, model.std_2d), (cache.x3d, model.mean_3d, model.std_3d)):
+        for i, x in enumerate(feats):
+            feats[i] = ((x.float() - mean.to(x.device)) / std.to(x.device)).half()

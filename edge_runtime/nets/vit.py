@@ -3,13 +3,13 @@
 Architecture and parameter names follow timm's ``vit_base_patch8_224`` (identical to the
 official DINO ``vision_transformer.py``), so the official ``dino_vitbase8_pretrain.pth``
 and timm's ``vit_base_patch8_224.dino`` state dicts load through
-:func:`edge_runtime.models.checkpoints.load_dino_vit` without renaming:
+:func:`edge_runtime.nets.checkpoints.load_dino_vit` without renaming:
 
 ``patch_embed.proj.{weight,bias}``, ``cls_token``, ``pos_embed``,
 ``blocks.N.norm1``, ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.norm2``,
 ``blocks.N.mlp.fc1``, ``blocks.N.mlp.fc2``, ``norm``.
 
-CFM (REFERENCE.md section 2) takes the output of the last kept block after the final
+CFM (docs/methods.md, CFM) takes the output of the last kept block after the final
 LayerNorm, drops the CLS token and reshapes to a ``768 x R/8 x R/8`` map. Layer pruning
 (CFM section 3.4) keeps only the first ``l`` blocks (l = 1, 4, 8, 12); here the model
 simply has ``depth = l`` blocks, so pruned variants neither store nor run the rest.

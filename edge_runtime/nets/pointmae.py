@@ -1,14 +1,14 @@
 """Point-MAE encoder (CFM's frozen 3D extractor) with fast grouping on organized clouds.
 
 Source: Pang et al., Point-MAE (repo ``Pang-Yatian/Point-MAE``, ``models/Point_MAE.py``)
-as used by M3DM / CFM (REFERENCE.md section 2).
+as used by M3DM / CFM (docs/methods.md, CFM).
 
 The extractor has two parts:
 
 * :meth:`PointMAEExtractor.group` -- the data-dependent part: farthest point sampling
   (FPS) of ``num_groups`` centres among the valid points of an organized cloud, then the
   ``group_size`` nearest neighbours of each centre, made relative to it. It always runs
-  on the CPU (numpy + torch) and returns tensors on the input's device; REFERENCE.md
+  on the CPU (numpy + torch) and returns tensors on the input's device; docs/methods.md
   section 6: data-dependent ops belong outside an engine.
 * :attr:`PointMAEExtractor.dense` (:class:`PointMAEDense`) -- the dense part: the
   mini-PointNet group encoder, the centre position embedding, the transformer blocks
@@ -27,8 +27,11 @@ Choices (the released CFM code differs; recorded here):
 * FPS starts at the first candidate in row-major pixel order (exact path: the first
   valid point, index 0 of CFM's ``nonzero`` list, as the pointnet2 FPS kernel does) and
   breaks ties by the lowest index.
-* An item with fewer than ``max(num_groups, group_size)`` valid points raises
-  ``ValueError`` (such a frame has essentially no object in view).
+* An item with fewer valid points than ``num_groups`` gets every point as a centre, then
+  the FPS kernel's own behaviour fills the rest (it re-picks the first point once all are
+  chosen, as the pointnet2 kernel does); fewer than ``group_size`` points fill each group
+  by repeating the farthest one. Shapes stay fixed (exported parts are static) and no
+  frame becomes an error for being small; an item with no valid point raises ``ValueError``.
 * Input coordinates are raw (metres), no centring or scaling, as in CFM.
 * Fast grouping (default; ``exact=True`` gives the reference path):
   - FPS runs over the valid points on a ``fps_stride`` x ``fps_stride`` pixel sub-grid
@@ -54,10 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.models.vit import Block
+from edge_runtime.nets.vit import Block
 
 #: Point-MAE blocks (0-based) whose normalised outputs CFM concatenates, per kept depth
-#: (REFERENCE.md section 2, layer pruning).
+#: (docs/methods.md, CFM, layer pruning).
 FEATURE_LAYERS: dict[int, tuple[int, ...]] = {12: (3, 7, 11), 8: (1, 4, 7), 4: (1, 2, 3), 1: (0,)}
 
 LN_EPS = 1e-5  # Point-MAE uses nn.LayerNorm's default epsilon
@@ -115,11 +118,16 @@ def knn_exact(centres: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tens
 
     Args:
         centres: ``G x 3`` float32 (metres).
-        points: ``N x 3`` float32 (metres), ``N >= k``.
+        points: ``N x 3`` float32 (metres), ``N >= 1``. With ``N < k`` every point is
+            taken and the farthest one repeats to fill ``k`` (a frame with very few points
+            still gets a fixed-shape group rather than an error).
 
     Returns:
         ``G x k`` int64 indices into ``points``.
     """
+    if points.shape[0] < k:
+        idx = knn_exact(centres, points, points.shape[0])
+        return torch.cat([idx, idx[:, -1:].expand(-1, k - points.shape[0])], dim=1)
     out = []
     for start in range(0, centres.shape[0], KNN_CHUNK):
         c = centres[start : start + KNN_CHUNK]
@@ -347,7 +355,7 @@ class PointMAEExtractor(nn.Module):
         self.exact = exact
         self.fps_stride = fps_stride
         self.knn_radius = math.ceil(1.2 * math.sqrt(group_size)) if knn_radius is None else int(knn_radius)
-        self.min_points = max(group_size, num_groups)
+        self.min_points = 1
         self.dense = PointMAEDense(depth, feature_layers, trans_dim, num_heads)
         self.out_dim = self.dense.out_dim
 
@@ -371,8 +379,7 @@ class PointMAEExtractor(nn.Module):
             ``xyz``'s device, float32.
 
         Raises:
-            ValueError: wrong shape, non-finite coordinates, or an item with fewer than
-                ``min_points`` valid points.
+            ValueError: wrong shape, non-finite coordinates, or an item with no valid point.
         """
         exact = self.exact if exact is None else exact
         if xyz.ndim != 4 or xyz.shape[-1] != 3:
@@ -388,8 +395,8 @@ class PointMAEExtractor(nn.Module):
         for b, n in enumerate(counts.tolist()):
             if n < self.min_points:
                 raise ValueError(
-                    f"batch item {b}: {n} valid 3D points, need at least {self.min_points} "
-                    f"(num_groups={self.num_groups}, group_size={self.group_size})"
+                    f"batch item {b}: no valid 3D point (num_groups={self.num_groups}, "
+                    f"group_size={self.group_size})"
                 )
         centre_pix = self._fps(valid, cloud, exact)  # B x G flat pixel indices
         flat = cloud.reshape(bsz, h * w, 3)

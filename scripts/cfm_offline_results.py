@@ -1,0 +1,132 @@
+"""CFM on the offline extractors (EfficientNet-Lite + FPFH) on the synthetic station.
+
+Runs the product's commands (``edge-synth``, ``edge-train``, ``edge-eval``) as
+subprocesses, prints each, caches every report under ``--work`` and prints markdown
+tables (means over the categories, with the per-category image AUROC):
+
+- ``variants``: cfm-tiny / small / full on EfficientNet-Lite0 + FPFH, beside the
+  random-initialised DINO / Point-MAE extractors (the old default) for tiny.
+- ``directions``: each mapper direction's map alone (``--option aggregation=2d|3d``:
+  2d = the Lite-only discrepancy, 3d = the FPFH-only one) against their product and sum,
+  re-scoring the tiny bundles (no retraining).
+- ``fpfh``: FPFH grid stride and windows (tiny).
+- ``blocks``: which EfficientNet blocks feed the mappers (tiny).
+
+    python scripts/cfm_offline_results.py --work runs/cfm_offline
+    python scripts/cfm_offline_results.py --work runs/cfm_offline --sections variants directions
+
+Data: ``edge-synth --size 224 --train 40 --val 20 --test-good 20 --test-defect 6``
+(5 categories; 20 good + 30 defective test images per category, so one image moves an
+AUROC by at most 1/20 x 1/30 of the pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRICS = ("i_auroc", "p_auroc", "aupro_30", "aupro_1")
+CATEGORIES = ("puck", "bagel", "box", "cookie", "cable")
+PAPER = {"tiny": (0.899, 0.990, 0.961, 0.419), "small": (0.948, 0.994, 0.972, 0.451),
+         "full": (0.954, 0.993, 0.971, 0.455)}  # MVTec 3D-AD means, DINO + Point-MAE (docs/methods.md)
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    done = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"command failed ({done.returncode}):\n{done.stderr[-4000:]}")
+
+
+def report(args, name: str, category: str, train_opts: list[str], eval_opts: list[str] = ()) -> dict:
+    bundle = args.work / "bundles" / f"{name}-{category}"
+    if not (bundle / "manifest.json").is_file():
+        run(["edge-train", "--method", "cfm", "--data", str(args.data), "--category", category, "--out", str(bundle),
+             "--profile", "cpu", "--epochs", str(args.epochs), "--threads", str(args.threads), "--quiet",
+             *train_opts, "--json", str(args.work / "train" / f"{name}-{category}.json")])
+    tag = "_".join(o.replace("=", "-").lstrip("-") for o in eval_opts) or "default"
+    out = args.work / "eval" / f"{name}-{category}__{tag}.json"
+    if not out.is_file():
+        run(["edge-eval", "--model", str(bundle), "--data", str(args.data), "--category", category,
+             "--threads", str(args.threads), "--json", str(out), "--quiet", *eval_opts])
+    r = json.loads(out.read_text())
+    r["train"] = json.loads((args.work / "train" / f"{name}-{category}.json").read_text())["training"]
+    return r
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def row(label: str, reports: list[dict]) -> str:
+    cells = " | ".join(f"{mean(r[k] for r in reports):.3f}" for k in METRICS)
+    per = " ".join(f"{r['i_auroc']:.2f}" for r in reports)
+    train_s = mean((r["train"].get("seconds") or {}).get("total") for r in reports)
+    return f"| {label} | {cells} | {per} | {train_s:.0f} |"
+
+
+HEADER = ("| model | I-AUROC | P-AUROC | AUPRO@30% | AUPRO@1% | I-AUROC per category (" + " ".join(CATEGORIES)
+          + ") | train s/category |\n|---|---|---|---|---|---|---|")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("runs/cfm_offline"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    p.add_argument("--sections", nargs="+", default=["variants", "directions", "fpfh", "blocks"])
+    args = p.parse_args()
+    args.data = args.work / "synth"
+    t0 = time.time()
+    if not (args.data / ".complete").is_file():
+        run(["edge-synth", "--out", str(args.data), "--size", "224", "--train", "40", "--val", "20",
+             "--test-good", "20", "--test-defect", "6", "--overwrite"])
+        (args.data / ".complete").touch()
+    cats = args.categories
+    out = []
+    if "variants" in args.sections:
+        out += ["### Variants (EfficientNet-Lite0 + FPFH, cpu profile)", "", HEADER]
+        for v in ("tiny", "small", "full"):
+            out.append(row(f"cfm-{v}, Lite0 + FPFH", [report(args, f"off-{v}", c, ["--variant", v]) for c in cats]))
+        out.append(row("cfm-tiny, random-init DINO + Point-MAE",
+                       [report(args, "rand-tiny", c, ["--variant", "tiny", "--backbone-2d", "dino-vitb8:random",
+                                                      "--backbone-3d", "pointmae:random"]) for c in cats]))
+        for v, vals in PAPER.items():
+            out.append(f"| paper cfm-{v} (MVTec 3D-AD, DINO + Point-MAE) | " + " | ".join(f"{x:.3f}" for x in vals)
+                       + " | | |")
+        out.append("")
+    if "directions" in args.sections:
+        out += ["### Each mapper direction alone (cfm-tiny bundles re-scored)", "", HEADER]
+        for agg, label in (("product", "product (default)"), ("sum", "sum"), ("2d", "2D map only (Lite)"),
+                           ("3d", "3D map only (FPFH)")):
+            out.append(row(label, [report(args, "off-tiny", c, ["--variant", "tiny"],
+                                          ["--option", f"aggregation={agg}"]) for c in cats]))
+        out.append("")
+    if "fpfh" in args.sections:
+        out += ["### FPFH grid and windows (cfm-tiny)", "", HEADER]
+        for stride, nw, fw in ((4, 3, 7), (4, 3, 5), (2, 5, 11), (2, 3, 7), (1, 5, 11)):
+            out.append(row(f"stride {stride}, windows {nw}/{fw}",
+                           [report(args, f"fpfh-s{stride}-{nw}-{fw}", c,
+                                   ["--variant", "tiny", "--fpfh-stride", str(stride), "--fpfh-normal-window", str(nw),
+                                    "--fpfh-feature-window", str(fw)]) for c in cats]))
+        out.append("")
+    if "blocks" in args.sections:
+        out += ["### EfficientNet-Lite0 blocks feeding the mappers (cfm-tiny)", "", HEADER]
+        for blocks in ("4", "4,7", "7", "4,7,10", "2,4,7"):
+            out.append(row(f"blocks {blocks}", [report(args, f"blocks-{blocks.replace(',', '-')}", c,
+                                                       ["--variant", "tiny", "--blocks-2d", blocks]) for c in cats]))
+        out.append("")
+    out.append(f"({time.time() - t0:.0f} s wall for this invocation, cached runs excluded)")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

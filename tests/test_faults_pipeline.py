@@ -1,0 +1,176 @@
+"""Issue 12, station side: fault injection on real processes and loopback sockets.
+
+Hung and crashing workers (no-op backend fault hooks, edge_runtime/backends/noop.py), the
+restart limit as a rate, the start-up timeout, a worker dying with a batch in hand,
+stages exiting when the supervisor dies, bind-policy refusals before anything starts,
+and oversize ingress parts counted although they never become a frame.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edge_runtime.pipeline.journal import Journal
+from edge_runtime.pipeline.security import BindPolicyError
+from edge_runtime.pipeline.supervisor import run_pipeline
+from edge_runtime.pipeline.wire import Frame, encode
+from pipeline_fixtures import ANY_PORT, noop_bundle, run_bounded, run_config, scaled
+
+pytestmark = pytest.mark.timeout(300)
+DECISIONS = ("OK", "NOT_OK", "NOT_DECIDABLE", "ERROR", "DROPPED")
+
+
+def _records(cfg) -> list[dict]:
+    with Journal(cfg.journal) as j:
+        return j.since(0, run_id=cfg.run_id, limit=10_000)
+
+
+def _accounted(summary: dict, captured: int) -> list:
+    frames = summary["frames"]
+    assert frames["captured"] == captured == frames["decided"] == sum(frames[d] for d in DECISIONS)
+    assert summary["invariant"]["holds"] is True
+
+
+def test_a_hung_worker_is_killed_at_the_frame_deadline_and_restarted(tmp_path):
+    cfg = run_config(tmp_path, frames=6, frame_deadline_s=scaled(2.0),
+                     backend_options={"hang_once_file": str(tmp_path / "hung")})
+    summary = run_bounded(cfg, timeout_s=120)
+    assert summary["error"] is None
+    _accounted(summary, 6)
+    assert summary["deadline_kills"] == 1 and summary["worker_restarts"] == 1
+    records = _records(cfg)
+    assert sorted(r["frame_id"] for r in records) == list(range(6))  # one record per id, never a second one
+    (late,) = [r for r in records if r["decision"] == "ERROR"]
+    assert late["frame_id"] == 0 and late["reason"].startswith("deadline: inference worker infer0.0")
+    assert summary["frames"]["OK"] + summary["frames"]["NOT_OK"] == 5  # the replacement took over
+
+
+def test_the_restart_limit_is_a_rate_not_a_total(tmp_path):
+    crash = {"exit_after": 0}  # every worker exits on its first frame
+    cfg = run_config(tmp_path / "a", frames=6, max_restarts=2, restart_window_s=600.0, backend_options=crash)
+    summary = run_bounded(cfg, timeout_s=120)
+    assert "died 3 times within 600 s" in summary["error"] and "--max-restarts 2" in summary["error"]
+    assert summary["invariant"]["holds"] is True  # every captured frame still has a record
+    # the same deaths spread wider than the window: the run goes on (3 frames, 3 deaths)
+    cfg = run_config(tmp_path / "b", frames=3, max_restarts=1, restart_window_s=0.05, backend_options=crash)
+    summary = run_bounded(cfg, timeout_s=120)
+    assert summary["error"] is None and summary["worker_restarts"] == 3
+    _accounted(summary, 3)
+    assert all("died (exit code 3)" in r["reason"] for r in _records(cfg))
+
+
+def test_a_stage_that_does_not_start_in_time_fails_the_run_promptly(tmp_path):
+    cfg = run_config(tmp_path, frames=3, startup_timeout_s=scaled(15.0),
+                     backend_options={"load_delay_s": 120.0})
+    t0 = time.monotonic()
+    summary = run_bounded(cfg, timeout_s=100)
+    assert time.monotonic() - t0 < scaled(60)  # long before the 120 s model load
+    assert "'infer0.0']" in summary["error"] and "did not start within 15 s" in summary["error"]
+    assert summary["frames"]["captured"] == 0 and summary["invariant"]["holds"] is True
+
+
+def test_a_worker_dying_with_a_batch_in_hand_reports_each_frame_it_held(tmp_path):
+    cfg = run_config(tmp_path, frames=10, batch=2, queue=4, backend_options={"delay_ms": 400})
+    killed = []
+
+    def kill_worker_once(snap):
+        if not killed and snap["frames"]["decided"] >= 2:
+            (worker,) = [p for p in multiprocessing.active_children() if p.name == "edge-infer0.0"]
+            os.kill(worker.pid, signal.SIGKILL)
+            killed.append(worker.pid)
+
+    summary = run_bounded(cfg, on_stats=kill_worker_once, timeout_s=120)
+    assert killed and summary["error"] is None and summary["worker_restarts"] == 1
+    _accounted(summary, 10)
+    died = [r for r in _records(cfg) if r["decision"] == "ERROR"]
+    assert 1 <= len(died) <= 2  # what the worker held: up to one batch
+    assert all("inference worker infer0.0 died (killed by signal 9) holding this frame" in r["reason"] for r in died)
+
+
+@pytest.mark.parametrize("bad", [{"alerts": "tcp://0.0.0.0:*"}, {"replay": "tcp://*:*"},
+                                 {"source": "zmq+tcp://0.0.0.0:*"}])
+def test_bind_policy_refusals_come_before_anything_starts(tmp_path, bad):
+    cfg = run_config(tmp_path, frames=2, **bad)
+    t0 = time.monotonic()
+    with pytest.raises(BindPolicyError, match="--allow-remote"):
+        run_pipeline(cfg)
+    assert time.monotonic() - t0 < 5 and not Path(cfg.journal).exists()
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("edge-")]
+
+
+def test_an_oversize_ingress_part_is_counted_although_it_has_no_frame_id(tmp_path):
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    cfg = run_config(tmp_path, source=f"zmq+{ANY_PORT}", frames=1, max_frame_bytes=50_000)
+
+    def camera(info):
+        def send():
+            ctx = zmq.Context()
+            push = ctx.socket(zmq.PUSH)
+            push.linger = 2000
+            push.connect(info["endpoints"]["ingress"])
+            push.send_multipart(encode(Frame({"source": "huge"}, {"rgb": np.zeros((120, 300, 3), np.uint8)})))
+            time.sleep(0.5)  # libzmq drops the connection, the PUSH reconnects
+            push.send_multipart(encode(Frame({"source": "ok"}, {"rgb": rgb})))
+            push.close()
+            ctx.term()
+
+        threading.Thread(target=send, daemon=True).start()
+
+    summary = run_bounded(cfg, timeout_s=90, on_ready=camera)
+    _accounted(summary, 1)
+    assert summary["ingress"]["disconnects"] >= 1  # the 108 kB part (> 2 x 50 kB) was refused
+    assert [r["source"] for r in _records(cfg)] == ["ok"]
+
+
+def _stage_pids(parent: int) -> list[int]:
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            stat = (proc_dir / "stat").read_text()
+            cmdline = (proc_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+def test_stages_exit_when_the_supervisor_dies(tmp_path):
+    cmd = [sys.executable, "-m", "edge_runtime.cli.run", "--model", str(noop_bundle(tmp_path / "bundle")),
+           "--backend", "noop", "--alerts", ANY_PORT, "--replay-endpoint", ANY_PORT,
+           "--journal", str(tmp_path / "j.sqlite"), "--category", "puck", "--fps", "20", "--synth-pool", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = threading.Event()
+    threading.Thread(target=lambda: [started.set() for line in proc.stderr if "started:" in line],
+                     daemon=True).start()
+    try:
+        assert started.wait(scaled(120))
+        stages = _stage_pids(proc.pid)
+        assert len(stages) == 4
+        proc.kill()  # the supervisor dies without a word to its stages
+        proc.wait(10)
+        deadline = time.monotonic() + scaled(20)
+        while time.monotonic() < deadline and [p for p in stages if Path(f"/proc/{p}").exists()
+                                               and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]:
+            time.sleep(0.1)
+        left = [p for p in stages if Path(f"/proc/{p}").exists()
+                and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        assert not left, left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _stage_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
