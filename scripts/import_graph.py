@@ -86,7 +86,6 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
             if len(comp) > 1:
                 out.append(sorted(comp))
 
-    sys.setrecursionlimit(10000)
     for v in sorted(edges):
         if v not in index:
             visit(v)

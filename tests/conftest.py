@@ -142,3 +142,10 @@ def save_cfm_bundle(directory, model, fields: dict | None = None):
     fields = dict(fields or {})
     fields.setdefault("variant", model.cfg.variant)
     return save_bundle(directory, "cfm", model.cfg.to_dict(), model, fields)
+
+
+@pytest.fixture(autouse=True)
+def private_gateway_state(tmp_path_factory, monkeypatch):
+    """The gateway saves its delivered position under $XDG_STATE_HOME: keep every test's
+    state private, so no test (or CI run on the same machine) sees another's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

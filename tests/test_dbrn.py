@@ -335,3 +335,21 @@ def test_trainer_flags():
     cfg = dbrn_trainer.config_for("paper", "rgb")
     assert cfg.embed_dim == 96 and cfg.window == 7 and cfg.depths == (2, 2, 4, 2) and cfg.modality == "rgb"
     assert dbrn_trainer.settings_for("paper").lr_ism == pytest.approx(1e-3)
+
+
+def test_method_preprocessor_and_valid_mask(synth_samples):
+    m = methods.get("dbrn")
+    cfg = _tiny()
+    man = {"config": cfg.to_dict(), "preprocessing": {"fg_threshold_m": 0.002, "height_scale_m": 0.009}}
+    s = synth_samples[1]
+    inp = m.preprocessor(man)(s.rgb, s.xyz)
+    m.check_inputs(cfg, inp)
+    valid = m.valid_mask(inp, (16, 16), man)
+    assert valid.shape == (16, 16) and 0 < valid.mean() < 1
+    assert m.needs_xyz(man) and m.modality(man) == "rgb+3d"
+    rgb_man = {"config": _tiny("rgb").to_dict(), "preprocessing": {}}
+    assert not m.needs_xyz(rgb_man)
+    rgb_inp = m.preprocessor(rgb_man)(s.rgb, None)
+    assert m.valid_mask(rgb_inp, (16, 16), rgb_man).all()
+    names = [p.path for p in m.dense_parts(_tiny("3d"))]
+    assert names == ["rec_depth", "discriminator"]

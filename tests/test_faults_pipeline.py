@@ -51,9 +51,12 @@ def test_a_hung_worker_is_killed_at_the_frame_deadline_and_restarted(tmp_path):
     assert summary["deadline_kills"] == 1 and summary["worker_restarts"] == 1
     records = _records(cfg)
     assert sorted(r["frame_id"] for r in records) == list(range(6))  # one record per id, never a second one
-    (late,) = [r for r in records if r["decision"] == "ERROR"]
+    errors = [r for r in records if r["decision"] == "ERROR"]
+    late = errors[0]
     assert late["frame_id"] == 0 and late["reason"].startswith("deadline: inference worker infer0.0")
-    assert summary["frames"]["OK"] + summary["frames"]["NOT_OK"] == 5  # the replacement took over
+    # the frame queued behind it at the same worker (one batch of prefetch) is reported too
+    assert all("died (killed: frame 0 held" in r["reason"] for r in errors[1:]) and len(errors) <= 2
+    assert summary["frames"]["OK"] + summary["frames"]["NOT_OK"] == 6 - len(errors)  # the replacement took over
 
 
 def test_the_restart_limit_is_a_rate_not_a_total(tmp_path):
@@ -62,11 +65,12 @@ def test_the_restart_limit_is_a_rate_not_a_total(tmp_path):
     summary = run_bounded(cfg, timeout_s=120)
     assert "died 3 times within 600 s" in summary["error"] and "--max-restarts 2" in summary["error"]
     assert summary["invariant"]["holds"] is True  # every captured frame still has a record
-    # the same deaths spread wider than the window: the run goes on (3 frames, 3 deaths)
-    cfg = run_config(tmp_path / "b", frames=3, max_restarts=1, restart_window_s=0.05, backend_options=crash)
+    # the same deaths spread wider than the window: the run goes on (each death costs the
+    # frame in hand and the one queued behind it)
+    cfg = run_config(tmp_path / "b", frames=4, max_restarts=1, restart_window_s=0.05, backend_options=crash)
     summary = run_bounded(cfg, timeout_s=120)
-    assert summary["error"] is None and summary["worker_restarts"] == 3
-    _accounted(summary, 3)
+    assert summary["error"] is None and summary["worker_restarts"] >= 2
+    _accounted(summary, 4)
     assert all("died (exit code 3)" in r["reason"] for r in _records(cfg))
 
 
@@ -94,7 +98,7 @@ def test_a_worker_dying_with_a_batch_in_hand_reports_each_frame_it_held(tmp_path
     assert killed and summary["error"] is None and summary["worker_restarts"] == 1
     _accounted(summary, 10)
     died = [r for r in _records(cfg) if r["decision"] == "ERROR"]
-    assert 1 <= len(died) <= 2  # what the worker held: up to one batch
+    assert 1 <= len(died) <= 4  # what the worker held: one batch in hand, one queued
     assert all("inference worker infer0.0 died (killed by signal 9) holding this frame" in r["reason"] for r in died)
 
 

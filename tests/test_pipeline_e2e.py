@@ -208,8 +208,9 @@ def test_killed_worker_is_restarted_and_its_frame_reported(tmp_path):
     assert summary["worker_restarts"] == 1
     records = _journal(cfg)
     died = [r for r in records.values() if r["decision"] == "ERROR"]
-    assert len(died) == 1 and "inference worker infer0.0 died (killed by signal 9)" in died[0]["reason"]
-    assert summary["frames"]["OK"] + summary["frames"]["NOT_OK"] == 7  # the replacement took over
+    assert 1 <= len(died) <= 2  # the frame in hand and the one queued behind it
+    assert all("inference worker infer0.0 died (killed by signal 9)" in r["reason"] for r in died)
+    assert summary["frames"]["OK"] + summary["frames"]["NOT_OK"] == 8 - len(died)  # the replacement took over
 
 
 def test_drain_timeout_bounds_shutdown_and_records_stuck_frames(tmp_path):

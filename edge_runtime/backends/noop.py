@@ -162,7 +162,11 @@ def write_bundle(path: str | Path, thresholds: dict | None = None, resolution: i
     default {"image": 0.2, "pixel": 0.5} (synthetic frames then give OK and NOT_OK)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    manifest = {"schema_version": 1, "method": "cfm", "variant": "noop", "config": {}, "resolution": resolution,
+    from edge_runtime import methods
+
+    # the method of the default demo (any would do: the no-op backend never builds a model)
+    method = next((n for n in methods.names() if any(d.default for d in methods.get(n).demos)), methods.names()[0])
+    manifest = {"schema_version": 1, "method": method, "variant": "noop", "config": {}, "resolution": resolution,
                 "files": {"model.safetensors": {"sha256": "0" * 64, "bytes": 0}},
                 "thresholds": thresholds or {"image": 0.2, "pixel": 0.5}}
     (path / "manifest.json").write_text(json.dumps(manifest))

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decision journal SQLite file (default $EDGE_RUNTIME_HOME/journal/STATION.sqlite)")
     out.add_argument("--heatmaps", metavar="DIR", help="write a heat-map overlay PNG per NOT_OK frame into DIR "
                                                        "(bounded: oldest deleted)")
+    out.add_argument("--view", metavar="HOST:PORT",
+                     help="serve a live web view of the decisions on HOST:PORT (loopback unless --allow-remote; "
+                          "docs/line.md)")
     out.add_argument("--stats-json", metavar="FILE", help="write the final statistics (docs/wire.md, 'Statistics')")
     out.add_argument("--prometheus", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
     add_json_flag(out, "the final summary")
@@ -306,7 +309,17 @@ def run_once(args, log) -> int:
     if not info["calibrated"]:
         view.log("bundle not calibrated: every frame is NOT_DECIDABLE (run edge-calibrate)")
     try:
-        summary = run_pipeline(cfg, on_stats=on_stats, on_log=view.log)
+        web = None
+        if getattr(args, "view", None):
+            from edge_runtime.line.view import start_view as start_web_view
+
+            web = start_web_view(args.view, alerts_endpoint=args.alerts, allow_remote=args.allow_remote)
+            view.log(f"live view: {web.url}")
+        try:
+            summary = run_pipeline(cfg, on_stats=on_stats, on_log=view.log)
+        finally:
+            if web is not None:
+                web.close()
     finally:
         view.end_line()
         if exporter is not None:

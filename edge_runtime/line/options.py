@@ -43,7 +43,7 @@ def add_bridge_options(p: argparse.ArgumentParser) -> None:
     add("--mqtt-client-id", metavar="ID", help="MQTT client id (default edge-alerts-<station|all>)")
     add("--mqtt-spool", type=Path, metavar="FILE",
         help="on-disk outbox (default beside the gateway state: mqtt-<client id>.sqlite)")
-    add("--mqtt-username", metavar="USER")
+    add("--mqtt-username", metavar="USER", help="MQTT user name (with --mqtt-password-file)")
     add("--mqtt-password-file", type=Path, metavar="FILE", help="file holding the password (first line)")
     add("--mqtt-ca", type=Path, metavar="FILE", help="CA certificate(s) for mqtts:// (default: system store)")
     add("--mqtt-cert", type=Path, metavar="FILE", help="client certificate for mqtts://")

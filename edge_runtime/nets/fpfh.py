@@ -111,6 +111,34 @@ def _smallest_eigenvector(cov: Tensor) -> tuple[Tensor, Tensor]:
     return vec / nrm.clamp_min(1e-300), ok
 
 
+def _window_moments_box(xyz: Tensor, window: int) -> Tensor:
+    """Per pixel, over the valid points of its window: count, sum of coordinates, sum of
+    their products (B*H*W x 10), centred on each image's mean (float64 box filters)."""
+    b, h, w, _ = xyz.shape
+    p = xyz.double()
+    valid = (p != 0).any(-1, keepdim=True).double()
+    ref = (p * valid).sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
+    x, y, z = ((p - ref) * valid).unbind(-1)
+    cols = torch.stack([valid[..., 0], x, y, z, x * x, x * y, x * z, y * y, y * z, z * z], 1)
+    box = F.avg_pool2d(cols, window, 1, window // 2, count_include_pad=True) * (window * window)
+    return box.permute(0, 2, 3, 1).reshape(-1, 10)
+
+
+def _window_moments_pairs(xyz: Tensor, r: int, radius: float) -> Tensor:
+    """As :func:`_window_moments_box`, restricted to neighbours closer than ``radius``
+    (coordinates relative to each pixel, float32 sums of small numbers)."""
+    b, h, w, _ = xyz.shape
+    planes = _padded_planes(xyz, None, r)
+    sums = torch.zeros(b, h * w, 10, dtype=torch.float64, device=xyz.device)
+    for bi, y0, y1, centre, nb in _strips(planes, r):
+        d = nb[_X] - centre[_X]  # local coordinates: no cancellation in float32
+        m = nb[_V] * centre[_V] * ((d * d).sum(0) < radius * radius)
+        dx, dy, dz = d * m
+        cols = [m, dx, dy, dz, dx * dx, dx * dy, dx * dz, dy * dy, dy * dz, dz * dz]
+        sums[bi, y0 * w : y1 * w] = torch.stack([t.sum(0) for t in cols], 1).double()
+    return sums.reshape(-1, 10)
+
+
 def estimate_normals(xyz: Tensor, window: int = 5, radius: float | None = None) -> Tensor:
     """Unit normals (B x H x W x 3) by local PCA over a ``window`` x ``window`` pixel
     neighbourhood (optionally within ``radius`` metres), facing the camera at the origin.
@@ -118,17 +146,10 @@ def estimate_normals(xyz: Tensor, window: int = 5, radius: float | None = None) 
     xyz = _check_cloud(xyz)
     r = _check_window(window, "window")
     b, h, w, _ = xyz.shape
-    planes = _padded_planes(xyz, None, r)
-    sums = torch.zeros(b, h * w, 10, dtype=torch.float64, device=xyz.device)  # count, d (3), d d^T (6)
-    for bi, y0, y1, centre, nb in _strips(planes, r):
-        d = nb[_X] - centre[_X]  # local coordinates: no cancellation in float32
-        m = nb[_V] * centre[_V]
-        if radius is not None:
-            m = m * ((d * d).sum(0) < radius * radius)
-        d = d * m
-        dx, dy, dz = d
-        cols = [m, dx, dy, dz, dx * dx, dx * dy, dx * dz, dy * dy, dy * dz, dz * dz]
-        sums[bi, y0 * w : y1 * w] = torch.stack([t.sum(0) for t in cols], 1).double()
+    if radius is None:
+        sums = _window_moments_box(xyz, window)
+    else:
+        sums = _window_moments_pairs(xyz, r, radius)
     sums = sums.reshape(-1, 10)
     cnt = sums[:, 0].clamp_min(1)
     mean = sums[:, 1:4] / cnt[:, None]

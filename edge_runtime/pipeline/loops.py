@@ -174,9 +174,12 @@ def capture_loop(io: StageIO, cfg: RunConfig) -> None:
 
     try:
         while not io.orphaned():
-            io.beat()
             if hasattr(src, "poll_events"):
-                io.counters["ingress_disconnects"] = src.poll_events()
+                n = src.poll_events()
+                if n != io.counters.get("ingress_disconnects", 0):
+                    io._next_beat = 0.0  # report a change at once
+                io.counters["ingress_disconnects"] = n
+            io.beat()
             limit_left = None if cfg.frames is None else cfg.frames - next_id
             acquiring = started and not stopping and (limit_left is None or limit_left > 0)
             # A live source is read whenever it has a frame (overflow drops the oldest); any
@@ -219,7 +222,7 @@ def capture_loop(io: StageIO, cfg: RunConfig) -> None:
                 # Frames still queued here are in flight: the alert stage waits for every id < next_id.
                 send_frame(sink, Frame({"kind": "eos", "station": cfg.station, "run_id": cfg.run_id,
                                         "captured": next_id}))
-                io.tell(C.EOS, captured=next_id)
+                io.tell(C.EOS, captured=next_id, counters=io.counters)
                 eos_sent = True
     finally:
         src.close()
@@ -342,7 +345,9 @@ def infer_loop(io: StageIO, cfg: RunConfig) -> None:
     if selection is not None and io.name.startswith("infer0."):
         io.tell(C.LOG, text=selection.explain())
     io.tell(C.HELLO, detector=det.name, calibrated=bool((thresholds or {}).get("image") is not None))
-    link.send(pack_msg(C.CREDIT, n=cfg.batch, done=[]))
+    # Credit for two batches: one in hand, the next already queued at this worker, so it never
+    # waits a credit round trip between batches (the pipeline's overhead per frame).
+    link.send(pack_msg(C.CREDIT, n=2 * cfg.batch, done=[]))
     poller = zmq.Poller()
     poller.register(io.ctl, zmq.POLLIN)
     poller.register(link, zmq.POLLIN)

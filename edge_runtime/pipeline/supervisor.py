@@ -172,6 +172,8 @@ class Supervisor:
                 reason = ("not decided before shutdown: " +
                           (self.error or ("second stop signal" if self.signals > 1 else
                                           f"drain timeout of {cfg.drain_timeout_s:g} s")))
+                if self.captured is None and started_at is None:
+                    self.captured = 0  # capture was never started: no frame entered the pipeline
                 self.send("alert", C.FINALIZE, captured=self.captured, reason=reason[:1000])
                 finalize_deadline = now + 5.0
             if finalize_deadline is not None and now > finalize_deadline:
@@ -179,6 +181,12 @@ class Supervisor:
                 break
         self._quit_all()
         snap = self.final or self.snap or {}
+        frames = snap.get("frames") or {}
+        if started_at is None and frames.get("captured") is None and not frames.get("decided"):
+            # the run failed before capture was started: no frame entered, none is unaccounted
+            snap = {**snap, "frames": {**frames, "captured": 0, "decided": 0},
+                    "invariant": {**(snap.get("invariant") or {}), "holds": True,
+                                  "equation": "captured 0 = decided 0 (capture never started)"}}
         return {
             **snap,
             "run_id": cfg.run_id, "station": cfg.station, "model": cfg.model, "bundle_hash": cfg.bundle_hash,
@@ -241,6 +249,7 @@ class Supervisor:
                 self.final = self.snap
             self.on_stats(self.snap)
         elif kind == C.EOS:
+            self.counters.update(msg.get("counters") or {})
             self.captured = int(msg["captured"])
             self.stopped_by = self.stopped_by or ("frame limit" if self.cfg.frames is not None
                                                   and self.captured >= self.cfg.frames else "end of input")
@@ -340,7 +349,8 @@ def run_pipeline(cfg: RunConfig, on_stats: Callable[[dict], None] | None = None,
     ``on_stats(snapshot)`` is called with each statistics snapshot (about every
     ``cfg.stats_interval_s``), ``on_log(text)`` with events (worker restarts, errors),
     ``on_ready({"endpoints": {"alerts", "replay", "ingress"}, "run_id"})`` once every
-    stage is up, just before capture starts (the endpoints as bound: port ``*`` resolved).
+    stage is up, before capture starts and before waiting for ``cfg.wait_subscribers``
+    (the endpoints as bound: port ``*`` resolved; connect a subscriber there).
     Returns the final summary: the last ``RunStats`` snapshot (frames, invariant,
     throughput, latency_ms, reasons, categories, alerts) plus run_id, station, model,
     bundle_hash, backend, device, workers, batch, source, detector, preprocessing,
