@@ -92,3 +92,21 @@ def test_eval_plots_are_written(tmp_path):
         assert decode(p.read_bytes()).shape[0] > 200
     with pytest.raises(DataError, match="both good"):
         write_eval_plots(tmp_path / "bad", scores[:5], labels[:5], None, None, 0.8)
+
+
+def test_station_overlay_is_the_labelled_picture(tmp_path):
+    """The station's --heatmaps files are the labelled overlay (score, decision, part id)."""
+    import cv2
+    import numpy as np
+
+    from edge_runtime.pipeline.alerts import write_overlay
+
+    rgb = np.full((60, 80, 3), 120, np.uint8)
+    amap = np.zeros((16, 16), np.float32)
+    amap[4:8, 4:8] = 1.0
+    regions = [{"x": 20, "y": 15, "w": 20, "h": 15, "area": 300, "max_score": 1.0}]
+    plain = write_overlay(tmp_path / "plain.png", rgb, amap, regions=regions)
+    labelled = write_overlay(tmp_path / "label.png", rgb, amap, regions=regions,
+                             label={"score": 0.9, "threshold": 0.5, "decision": "NOT_OK", "part_id": 7})
+    a, b = cv2.imread(str(plain)), cv2.imread(str(labelled))
+    assert a.shape[:2] == (60, 80) and b is not None and b.shape != a.shape  # the label adds a panel

@@ -382,6 +382,7 @@ def write_overlay(
     alpha: float = 0.5,
     max_files: int = 500,
     max_mb: float = 256.0,
+    label: dict | None = None,
 ) -> Path:
     """Write a heat-map overlay image and keep its directory within a disk budget.
 
@@ -392,7 +393,10 @@ def write_overlay(
     "geometry"; default: the map covers exactly the image). The map is colour-mapped (OpenCV JET) over [0, vmax]
     (vmax default: the map's own maximum; pass e.g. 2 x threshold for a scale that
     is comparable between frames) and blended with weight ``alpha``; ``regions``
-    boxes are drawn in white. The file is written atomically (temp file + rename).
+    boxes are drawn in white. With ``label`` ({"score", "threshold", "decision", "part_id",
+    "time"}) and a .png path the picture is the labelled one of
+    ``edge_runtime.line.overlay.render_overlay`` (image, map, each region's box, score
+    against threshold, decision, part id, time). The file is written atomically (temp file + rename).
     Afterwards the oldest overlay files (``OVERLAY_SUFFIXES``) of the directory are
     deleted until at most ``max_files`` remain and they total at most ``max_mb`` MiB
     (the new file is always kept), so give overlays a directory of their own.
@@ -413,7 +417,15 @@ def write_overlay(
     for r in regions or ():
         cv2.rectangle(out, (r["x"], r["y"]), (r["x"] + r["w"] - 1, r["y"] + r["h"] - 1), (255, 255, 255), 1)
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if suffix == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 90]
-    ok, encoded = cv2.imencode(suffix, out, params)
+    if label is not None and suffix == ".png":
+        from edge_runtime.line.overlay import render_overlay
+
+        encoded = np.frombuffer(render_overlay(rgb, heat, regions, label.get("score"), label.get("threshold"),
+                                               str(label.get("decision")), label.get("part_id", ""),
+                                               label.get("time"), vmax=vmax, alpha=alpha), np.uint8)
+        ok = True
+    else:
+        ok, encoded = cv2.imencode(suffix, out, params)
     if not ok:
         raise DataError(path, f"OpenCV could not encode the overlay as {suffix}")
     tmp = path.with_name(f".{path.name}.tmp")

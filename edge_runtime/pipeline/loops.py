@@ -425,7 +425,12 @@ def alert_loop(io: StageIO, cfg: RunConfig) -> None:
                                 else MapGeometry.identity(frame.arrays["rgb"].shape))
                     heatmap = str(write_overlay(Path(cfg.heatmaps) / f"{cfg.run_id}_{header['frame_id']:08d}.png",
                                                 frame.arrays["rgb"], frame.arrays["amap"], geometry=geometry,
-                                                regions=header.get("regions")))
+                                                regions=header.get("regions"),
+                                                label={"score": header.get("score"),
+                                                       "threshold": header.get("threshold"),
+                                                       "decision": header.get("status"),
+                                                       "part_id": header["frame_id"],
+                                                       "time": header.get("capture_ns")}))
                 except DataError as exc:
                     io.tell(C.LOG, text=stages.short(f"heat-map not written: {exc}"))
             record = publish(stages.build_record(header, cfg.model, cfg.bundle_hash, stages.now_ns(), heatmap))
