@@ -86,6 +86,20 @@ class Demo:
     calibrate_args: list[str] = field(default_factory=list)
 
 
+def config_kwargs(cls, d, what: str) -> dict:
+    """The keyword arguments of dataclass ``cls`` from a manifest's config ``d``: a dict
+    whose keys are all fields of ``cls`` (TypeError / ValueError naming ``what`` otherwise).
+    A newer bundle's unknown key is an error, never silently dropped."""
+    from dataclasses import fields
+
+    if not isinstance(d, dict):
+        raise TypeError(f"{what} config must be a dict, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {unknown}")
+    return dict(d)
+
+
 class Method:
     """Base class of every method. Subclasses set the class attributes and override the
     hooks marked "must"; the others have defaults that fit most methods."""

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_runtime.nets.vit import Mlp  # the same fc1 -> GELU -> fc2 block
+
 __all__ = [
     "window_partition",
     "window_reverse",
@@ -129,15 +131,6 @@ class WindowAttention(nn.Module):
         return self.proj(out)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwinBlock(nn.Module):

@@ -7,7 +7,7 @@ extractor's block table, which is plain Python.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 MODALITIES = ("rgb", "3d", "rgb+3d")
 IMAGE_SCORES = ("max", "mean")
@@ -126,13 +126,9 @@ class ASTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ASTConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"AST config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown AST config keys: {unknown}")
-        kw = dict(d)
+        from edge_runtime.methods.base import config_kwargs
+
+        kw = config_kwargs(cls, d, "AST")
         for key in ("out_blocks", "teacher_kernels"):
             if key in kw:
                 kw[key] = tuple(kw[key])

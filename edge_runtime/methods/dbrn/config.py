@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from edge_runtime.methods.base import MODALITIES
 
@@ -80,13 +80,9 @@ class DBRNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DBRNConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"DBRN config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"DBRN config: unknown keys {unknown}")
-        return cls(**d)
+        from edge_runtime.methods.base import config_kwargs
+
+        return cls(**config_kwargs(cls, d, "DBRN"))
 
     def replace(self, **kw) -> "DBRNConfig":
         d = asdict(self)
