@@ -304,6 +304,8 @@ def run_once(args, log) -> int:
         if exporter is not None:
             exporter.update(snap)
 
+    for line in info.get("extractors") or ["no feature extractors (trained from scratch)"]:
+        view.log(f"extractor {line}")
     for warning in info["warnings"]:
         view.log(f"model warning: {warning.splitlines()[0]}")
     if not info["calibrated"]:
