@@ -69,7 +69,6 @@ class Bundle:
     path: Path
 
 
-sha256_of = sha256_file  # the one hash helper (edge_runtime.outputs)
 # Where a v2 manifest keeps extractor provenance (v1: "backbones").
 EXTRACTORS = "extractors"
 

@@ -269,10 +269,6 @@ def summary_text(summary: dict, label: str) -> str:
     return "\n".join(lines)
 
 
-def _write_json(target: str, obj: dict) -> None:
-    write_json(target, obj)  # atomic, with the user's umask
-
-
 def exit_code(summary: dict) -> int:
     """0 ok, 1 the run failed, 130 Ctrl-C, 3 some frame ended as ERROR (module doc)."""
     if summary.get("error") or summary.get("invariant", {}).get("holds") is False:
@@ -327,9 +323,9 @@ def run_once(args, log) -> int:
         if exporter is not None:
             exporter.close()
     if args.stats_json:
-        _write_json(args.stats_json, summary)
+        write_json(args.stats_json, summary)
     if args.json:
-        _write_json(args.json, summary)
+        write_json(args.json, summary)
     print(summary_text(summary, label), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
     return exit_code(summary)
 
@@ -407,7 +403,7 @@ def run_bench(args, log) -> int:
         return 1
     print(bench_table(results), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
-        _write_json(args.json, {"rows": [{**row, **s} for row, s in results]})
+        write_json(args.json, {"rows": [{**row, **s} for row, s in results]})
     return 0
 
 

@@ -417,9 +417,7 @@ class OpcUaWriterSink(Sink):
     def record(self, record: dict, replayed: bool) -> None:
         self._put(("result", {**record, "replayed": replayed}))
 
-    def heartbeat(self, message: dict) -> None:
-        pass
-
+    # heartbeats: the base class's no-op; alive state comes from the lost/restored events
     def event(self, event: dict) -> None:
         if event["event"] in ("heartbeat_lost", "heartbeat_restored"):
             self._put(("alive", event["event"] == "heartbeat_restored"))

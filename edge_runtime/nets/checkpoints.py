@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edge_runtime import outputs
 from edge_runtime.errors import DataError, EdgeError
 from edge_runtime.nets.pointmae import PointMAEDense, PointMAEExtractor
 from edge_runtime.nets.vit import ViTExtractor
@@ -106,8 +106,8 @@ def read_checkpoint(path: str | Path) -> dict:
     return dict(data)
 
 
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in ``chunk_bytes`` chunks.
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a checkpoint file (``edge_runtime.outputs.sha256_file``).
 
     Raises:
         DataError: the file is missing.
@@ -115,11 +115,7 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+    return outputs.sha256_file(path)
 
 
 def _unwrap(state: Mapping, wrappers: tuple[str, ...]) -> Mapping:

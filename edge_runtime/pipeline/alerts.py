@@ -410,14 +410,7 @@ def write_overlay(
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise DataError(path, f"overlay needs an H x W x 3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
     heat = map_to_image(amap, rgb.shape, geometry or MapGeometry.identity(rgb.shape))
-    top = float(np.max(heat)) if vmax is None else float(vmax)
-    scaled = np.clip(heat * (255.0 / top), 0, 255) if top > 0 else np.zeros_like(heat)
-    colour = cv2.applyColorMap(scaled.astype(np.uint8), cv2.COLORMAP_JET)
-    out = cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1.0 - alpha, colour, alpha, 0.0)
-    for r in regions or ():
-        cv2.rectangle(out, (r["x"], r["y"]), (r["x"] + r["w"] - 1, r["y"] + r["h"] - 1), (255, 255, 255), 1)
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if suffix == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 90]
-    if label is not None and suffix == ".png":
+    if label is not None and suffix == ".png":  # the labelled picture replaces the plain one
         from edge_runtime.line.overlay import render_overlay
 
         encoded = np.frombuffer(render_overlay(rgb, heat, regions, label.get("score"), label.get("threshold"),
@@ -425,6 +418,13 @@ def write_overlay(
                                                label.get("time"), vmax=vmax, alpha=alpha), np.uint8)
         ok = True
     else:
+        top = float(np.max(heat)) if vmax is None else float(vmax)
+        scaled = np.clip(heat * (255.0 / top), 0, 255) if top > 0 else np.zeros_like(heat)
+        colour = cv2.applyColorMap(scaled.astype(np.uint8), cv2.COLORMAP_JET)
+        out = cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1.0 - alpha, colour, alpha, 0.0)
+        for r in regions or ():
+            cv2.rectangle(out, (r["x"], r["y"]), (r["x"] + r["w"] - 1, r["y"] + r["h"] - 1), (255, 255, 255), 1)
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if suffix == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 90]
         ok, encoded = cv2.imencode(suffix, out, params)
     if not ok:
         raise DataError(path, f"OpenCV could not encode the overlay as {suffix}")
