@@ -133,8 +133,79 @@ def test_an_oversize_ingress_part_is_counted_although_it_has_no_frame_id(tmp_pat
 
     summary = run_bounded(cfg, timeout_s=90, on_ready=camera)
     _accounted(summary, 1)
-    assert summary["ingress"]["disconnects"] >= 1  # the 108 kB part (> 2 x 50 kB) was refused
+    assert summary["ingress"]["disconnects"] >= 1
+    assert summary["ingress"]["refused"] >= 1, summary["ingress"]  # the 108 kB part (> 2 x 50 kB): the station closed
     assert [r["source"] for r in _records(cfg)] == ["ok"]
+
+
+def _wait_counts(src, key: str, n: int) -> dict:
+    deadline = time.monotonic() + scaled(10)
+    while time.monotonic() < deadline:
+        counts = src.poll_events()
+        if counts[key] >= n:
+            return counts
+        time.sleep(0.05)
+    return src.poll_events()
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="classification reads Linux /proc/net/tcp")
+def test_ingress_tells_a_refused_oversize_part_from_a_camera_that_closed():
+    from edge_runtime.pipeline.sources import IngressSource
+
+    ctx = zmq.Context()
+    src = IngressSource(ctx, ANY_PORT, max_bytes=1000)
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 0
+    try:
+        push.connect(src.bound)
+        push.send(b"x" * 5000)  # one part over 2 x 1000 bytes: libzmq drops the connection
+        counts = _wait_counts(src, "refused", 1)
+        assert counts["refused"] == 1 and counts["camera_closed"] == 0
+        push.send(b"y" * 400_000)  # still arriving when the station closes: reset, not TIME_WAIT
+        counts = _wait_counts(src, "refused", 2)
+        assert counts["refused"] == 2 and counts["camera_closed"] == 0
+        push.send_multipart(encode(Frame({"source": "ok"}, {"rgb": np.zeros((4, 4, 3), np.uint8)})))
+        assert src.socket.poll(int(scaled(10) * 1000))  # the PUSH reconnected by itself
+        assert src.read()[0].source == "ok"
+        push.close()  # the camera goes away: not a refusal
+        counts = _wait_counts(src, "camera_closed", 1)
+        assert counts == {"disconnects": 3, "refused": 2, "camera_closed": 1, "unclassified": 0}, counts
+    finally:
+        push.close(linger=0)
+        src.close()
+        ctx.term()
+
+
+def test_close_classifier_reads_who_closed_first_from_the_tcp_table(tmp_path):
+    from edge_runtime.pipeline import sources
+
+    head = "  sl  local_address rem_address   st\n"
+    row = "   0: 0100007F:{lp:04X} 0100007F:{rp:04X} {st} 0\n"
+    (tmp_path / "tcp").write_text(head + row.format(lp=5555, rp=40000, st="06"))  # an old TIME_WAIT
+    clf = sources.TcpCloseClassifier("tcp://127.0.0.1:5555", proc=tmp_path)
+    clf.disconnected()
+    (tmp_path / "tcp").write_text(head + row.format(lp=5555, rp=40000, st="06")
+                                  + row.format(lp=5555, rp=40001, st="04")  # this side closed
+                                  + row.format(lp=6000, rp=40002, st="06"))  # another port
+    clf.classify()
+    assert clf.counts == {"refused": 1, "camera_closed": 0, "unclassified": 0}
+    clf.disconnected()
+    clf.classify()  # nothing new yet: still pending until the kernel had time
+    assert clf.counts["camera_closed"] == 0
+    clf._pending[0] -= sources.CLOSE_SETTLE_S
+    clf.classify()
+    assert clf.counts == {"refused": 1, "camera_closed": 1, "unclassified": 0}
+    netstat = "TcpExt: SyncookiesSent TCPAbortOnClose\nTcpExt: 0 {n}\n"
+    (tmp_path / "netstat").write_text(netstat.format(n=7))
+    clf.classify()  # nothing pending: the host's abort count is the new baseline
+    clf.disconnected()
+    (tmp_path / "netstat").write_text(netstat.format(n=8))  # closed here with unread bytes
+    clf.classify()
+    assert clf.counts == {"refused": 2, "camera_closed": 1, "unclassified": 0}
+    ipc = sources.TcpCloseClassifier("ipc:///tmp/x", proc=tmp_path)
+    ipc.disconnected()
+    ipc.classify()
+    assert ipc.counts["unclassified"] == 1
 
 
 def _stage_pids(parent: int) -> list[int]:

@@ -279,3 +279,63 @@ def _is_child_of(proc_dir: Path, pid: int) -> bool:
     except OSError:
         return False
     return int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline
+
+
+def test_curve_clients_flag_lets_only_listed_gateways_subscribe(tmp_path):
+    import re
+
+    import zmq
+
+    from edge_runtime.pipeline import security
+
+    security.generate_keys(tmp_path / "station")
+    security.generate_keys(tmp_path / "allowed", name="gateway")
+    security.generate_keys(tmp_path / "stranger", name="stranger")
+    station_public = tmp_path / "station" / "edge.key"
+    cmd = _cli(tmp_path, "--frames", "6", "--fps", "20", "--wait-subscribers", "1", "--startup-timeout",
+               str(scaled(120)), "--curve-keys", str(tmp_path / "station"), "--curve-clients", str(tmp_path / "allowed"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    endpoint: list[str] = []
+    found = threading.Event()
+    err_lines: list[str] = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            err_lines.append(line)
+            m = re.search(r"waiting for 1 alert subscriber\(s\) on (tcp://\S+)", line)
+            if m:
+                endpoint.append(m.group(1))
+                found.set()
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    ctx = zmq.Context()
+    subs = {}
+    try:
+        assert found.wait(scaled(120)), "".join(err_lines)
+        for name in ("stranger", "allowed"):  # the stranger first: it must not count as the subscriber
+            sub = ctx.socket(zmq.SUB)
+            sub.linger = 0
+            security.apply_curve_client(sub, tmp_path / name, station_public)
+            sub.subscribe(b"")
+            sub.connect(endpoint[0])
+            subs[name] = sub
+            if name == "stranger":
+                time.sleep(1.0)
+                assert not any("started:" in line for line in err_lines)  # still waiting for a listed one
+        got = {name: [] for name in subs}
+        deadline = time.monotonic() + scaled(120)
+        while proc.poll() is None and time.monotonic() < deadline:
+            for name, sub in subs.items():
+                while sub.poll(20):
+                    got[name].append(sub.recv_multipart())
+        out, _ = proc.communicate(timeout=scaled(60))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for sub in subs.values():
+            sub.close(linger=0)
+        ctx.term()
+    assert proc.returncode == 0, "".join(err_lines)
+    assert "loss accounting: captured 6" in out
+    decisions = [m for m in got["allowed"] if not m[0].endswith(b".HEARTBEAT")]
+    assert len(decisions) == 6 and got["stranger"] == []  # subscribed before the start: every record

@@ -257,9 +257,12 @@ def summary_text(summary: dict, label: str) -> str:
         lines.append(f"inference workers restarted: {summary['worker_restarts']} "
                      f"({summary.get('deadline_kills', 0)} past the frame deadline, "
                      f"{summary.get('stall_kills', 0)} stalled)")
-    if (summary.get("ingress") or {}).get("disconnects"):
-        lines.append(f"ingress: {summary['ingress']['disconnects']} camera connections dropped (ingress refused: "
-                     "oversize part over twice --max-frame-mb, or the camera closed)")
+    ing = summary.get("ingress") or {}
+    if ing.get("disconnects"):
+        lines.append(f"ingress: {ing['disconnects']} camera connections ended: {ing.get('refused', 0)} "
+                     f"refused by the station (ingress refused: oversize part over twice --max-frame-mb, or "
+                     f"a protocol error), {ing.get('camera_closed', 0)} closed by the camera"
+                     + (f", {ing['unclassified']} unclassified" if ing.get("unclassified") else ""))
     if summary.get("alerts"):
         a = summary["alerts"]
         lines.append(f"alerts: {a.get('published', 0)} published, {a.get('send_drops', 0)} send drops "

@@ -52,4 +52,5 @@ KINDS = frozenset({HELLO, SUBSCRIBED, BEAT, EOS, STATS, FINAL, LOG, FATAL, OVERD
 BEAT_S = 1.0  # stages send BEAT this often from their loop
 CONTROL_MAX_BYTES = 1 << 20  # cap on control / credit messages (snapshots are a few KB)
 POLL_MS = 50  # stage loop poll period: bounds reaction time to control messages
+INGRESS_COUNTS = ("disconnects", "refused", "camera_closed", "unclassified")  # summary["ingress"]
 LINGER_MS = 500  # every socket: how long close() may spend flushing

@@ -175,10 +175,10 @@ def capture_loop(io: StageIO, cfg: RunConfig) -> None:
     try:
         while not io.orphaned():
             if hasattr(src, "poll_events"):
-                n = src.poll_events()
-                if n != io.counters.get("ingress_disconnects", 0):
+                counts = {f"ingress_{k}": v for k, v in src.poll_events().items()}
+                if any(io.counters.get(k, 0) != v for k, v in counts.items()):
                     io._next_beat = 0.0  # report a change at once
-                io.counters["ingress_disconnects"] = n
+                io.counters.update(counts)
             io.beat()
             limit_left = None if cfg.frames is None else cfg.frames - next_id
             acquiring = started and not stopping and (limit_left is None or limit_left > 0)
@@ -222,6 +222,8 @@ def capture_loop(io: StageIO, cfg: RunConfig) -> None:
                 # Frames still queued here are in flight: the alert stage waits for every id < next_id.
                 send_frame(sink, Frame({"kind": "eos", "station": cfg.station, "run_id": cfg.run_id,
                                         "captured": next_id}))
+                if hasattr(src, "poll_events"):  # disconnects still being classified: settle them
+                    io.counters.update({f"ingress_{k}": v for k, v in src.poll_events(settle=True).items()})
                 io.tell(C.EOS, captured=next_id, counters=io.counters)
                 eos_sent = True
     finally:

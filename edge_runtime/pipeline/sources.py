@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,8 +226,11 @@ class IngressSource:
     ``hwm``: messages queued in the socket before the camera's PUSH blocks.
     ``limits``: image size bounds, checked on the header's shapes before anything is done
     with the pixels. ``endpoint`` may use port ``*``; ``bound`` is the real endpoint.
-    ``disconnects`` counts peers libzmq dropped: a part over twice ``max_bytes``
-    (refused before it is buffered) or a camera that closed its socket."""
+    ``disconnects`` counts camera connections that ended; ``refused`` those the station
+    closed itself (libzmq drops a peer that sends one part over twice ``max_bytes``, before
+    it is buffered, or that breaks the protocol), ``camera_closed`` those the camera
+    closed. libzmq reports both as the same monitor event, so the station tells them
+    apart by who closed the TCP connection first (``TcpCloseClassifier``)."""
 
     live = True
 
@@ -247,20 +251,26 @@ class IngressSource:
         security.bind(self.socket, endpoint, allow_remote)
         self.bound = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._closes = TcpCloseClassifier(self.bound)
 
     def describe(self) -> str:
         return f"ZeroMQ ingress (PULL bound at {self.bound})"
 
-    def poll_events(self) -> int:
-        """Count the disconnect events that arrived; returns the new total."""
+    def poll_events(self, settle: bool = False) -> dict:
+        """Count the disconnect events that arrived and classify them; returns the totals
+        ``{disconnects, refused, camera_closed, unclassified}``. ``settle``: wait (at most
+        ``CLOSE_SETTLE_S``) until every disconnect so far is classified."""
         while True:
             try:
                 parts = self._monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return self.disconnects
+                break
             if len(parts) == 2 and len(parts[0]) >= 2 and int.from_bytes(parts[0][:2], "little") \
                     == zmq.EVENT_DISCONNECTED:
                 self.disconnects += 1
+                self._closes.disconnected()
+        self._closes.classify(settle)
+        return {"disconnects": self.disconnects, **self._closes.counts}
 
     def due_in(self) -> float:
         return math.inf  # wait on self.socket
@@ -301,6 +311,114 @@ class IngressSource:
         self.socket.disable_monitor()
         self._monitor.close(linger=0)
         self.socket.close(linger=0)
+
+
+# TCP states (Linux /proc/net/tcp) a connection is in after *this* side closed it first.
+_CLOSED_HERE = {"04", "05", "06", "0B"}  # FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSING
+CLOSE_SETTLE_S = 0.25  # a disconnect is classified once the kernel has had this long
+
+
+class TcpCloseClassifier:
+    """Tells whether the station or the camera closed each ended ingress connection.
+
+    libzmq gives the same ``EVENT_DISCONNECTED`` for a part over ``MAXMSGSIZE`` (the
+    station closes) and for a camera that closed its socket. Two kernel traces tell the
+    side that closed first: a connection closed here with nothing left unread stays in
+    FIN_WAIT / TIME_WAIT on the ingress port; one closed here with unread bytes (the
+    oversize part still arriving) is reset, which the kernel counts in TcpExt
+    ``TCPAbortOnClose`` / ``TCPAbortOnData``. A disconnect with either trace is ``refused``, one with neither
+    (after ``CLOSE_SETTLE_S``) is ``camera_closed``. The abort counter is host-wide, so a
+    different process aborting a connection in the same instant could count one camera
+    close as a refusal. Linux only (``/proc/net``); elsewhere, and for ipc://, disconnects
+    stay ``unclassified``."""
+
+    def __init__(self, endpoint: str, proc: Path = Path("/proc/net")):
+        self.counts = {"refused": 0, "camera_closed": 0, "unclassified": 0}
+        self._pending: list[float] = []
+        self._tables = [proc / "tcp", proc / "tcp6"]
+        self._netstat = proc / "netstat"
+        self._port = None
+        if endpoint.startswith("tcp://") and self._tables[0].exists():
+            try:
+                self._port = int(endpoint.rsplit(":", 1)[1])
+            except ValueError:
+                self._port = None
+        self._seen = self._closed_here() if self._port else set()
+        self._aborts = self._abort_count() if self._port else 0
+        self._history: deque[tuple[float, int]] = deque()  # (time, abort count) while idle
+        self._classified_at = 0.0
+
+    def _closed_here(self) -> set[str]:
+        """Remote addresses of connections on the ingress port that this side closed."""
+        out = set()
+        for table in self._tables:
+            try:
+                lines = table.read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                f = line.split()
+                if len(f) > 3 and f[3] in _CLOSED_HERE and int(f[1].rsplit(":", 1)[1], 16) == self._port:
+                    out.add(f[2])
+        return out
+
+    def _abort_count(self) -> int:
+        """The host's TcpExt TCPAbortOnClose + TCPAbortOnData: connections reset because
+        they were closed here with unread data, or data kept arriving after the close."""
+        try:
+            lines = self._netstat.read_text().splitlines()
+        except OSError:
+            return 0
+        for names, values in zip(lines[::2], lines[1::2]):
+            if names.startswith("TcpExt:"):
+                row = dict(zip(names.split()[1:], values.split()[1:]))
+                return int(row.get("TCPAbortOnClose", 0)) + int(row.get("TCPAbortOnData", 0))
+        return 0
+
+    def disconnected(self) -> None:
+        now = time.monotonic()
+        if not self._pending and self._history:
+            # libzmq may close the connection before its event is read here: the baseline is
+            # the host's count from just before the event, not the one read last.
+            since = max(now - CLOSE_SETTLE_S, self._classified_at)  # traces already used stay used
+            recent = [n for t, n in self._history if t >= since]
+            self._aborts = recent[0] if recent else self._history[-1][1]
+        self._pending.append(now)
+
+    def classify(self, settle: bool = False) -> None:
+        """Classify what the kernel shows now; ``settle``: keep looking until every
+        pending disconnect is classified (at most ``CLOSE_SETTLE_S``)."""
+        deadline = time.monotonic() + (CLOSE_SETTLE_S if settle else 0.0)
+        while True:
+            self._classify_once()
+            if not self._pending or time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
+
+    def _classify_once(self) -> None:
+        if self._port is None:
+            self.counts["unclassified"] += len(self._pending)
+            self._pending.clear()
+            return
+        aborts = self._abort_count()
+        if not self._pending:  # the baseline follows the host while nothing is pending
+            now = time.monotonic()
+            self._history.append((now, aborts))
+            while self._history and self._history[0][0] < now - 4 * CLOSE_SETTLE_S:
+                self._history.popleft()
+            self._aborts = aborts
+            return
+        now_closed = self._closed_here()
+        traces = len(now_closed - self._seen) + max(0, aborts - self._aborts)
+        self._seen, self._aborts = now_closed, aborts  # TIME_WAIT entries expire: keep the live ones
+        n = min(traces, len(self._pending))
+        self.counts["refused"] += n
+        if n:
+            self._classified_at = time.monotonic()
+        del self._pending[:n]
+        settled = [t for t in self._pending if time.monotonic() - t >= CLOSE_SETTLE_S]
+        self.counts["camera_closed"] += len(settled)
+        self._pending = self._pending[len(settled):]
 
 
 def open_source(cfg, ctx: zmq.Context):

@@ -199,7 +199,7 @@ class Supervisor:
             "worker_restarts": self.restarts,
             "deadline_kills": self.deadline_kills,
             "stall_kills": self.stall_kills,
-            "ingress": {"disconnects": self.counters.get("ingress_disconnects", 0)}
+            "ingress": {k: self.counters.get(f"ingress_{k}", 0) for k in C.INGRESS_COUNTS}
             if cfg.source.startswith("zmq+") else None,
             "stopped_by": "error" if self.error else (self.stopped_by or "end of input"),
             "signal": self.signal_name,

@@ -54,6 +54,8 @@ class SimParams:
     texture_source: str = "mixed"
     min_mask_pixels: int = 8
     tries: int = 4
+    rgb_strength: tuple[float, float] = (1.0, 1.0)
+    depth_strength: tuple[float, float] = (1.0, 1.0)
 
 
 # --------------------------------------------------------------------------- noise and masks
@@ -225,6 +227,17 @@ def blend(image: np.ndarray, mask: np.ndarray, tex: np.ndarray, rng: np.random.G
     return np.clip(out, 0, 1).astype(np.float32), s
 
 
+def _weaken(before: np.ndarray, after: np.ndarray, strength: tuple[float, float],
+            rng: np.random.Generator) -> np.ndarray:
+    """``before + k (after - before)`` with k ~ U[strength]: a fainter / shallower defect
+    (no random draw when the range is (1, 1), the paper's full-strength blend)."""
+    lo, hi = strength
+    if lo >= 1.0 and hi >= 1.0:
+        return after
+    k = np.float32(rng.uniform(lo, hi))
+    return (before + k * (after - before)).astype(np.float32)
+
+
 def simulate(rgb: np.ndarray | None, depth: np.ndarray | None, fg: np.ndarray, rng: np.random.Generator,
              params: SimParams = SimParams(), pool: list[np.ndarray] | None = None) -> dict:
     """A simulated training sample from one good one.
@@ -257,12 +270,14 @@ def simulate(rgb: np.ndarray | None, depth: np.ndarray | None, fg: np.ndarray, r
         tex = augment(texture(fg.shape, rng, params.texture_source, pool), rng)
         if want["rgb"]:
             img, scenario["rgb"] = blend(rgb.transpose(1, 2, 0), mask, tex, rng, params)
+            img = _weaken(rgb.transpose(1, 2, 0), img, params.rgb_strength, rng)
             out["rgb"] = np.ascontiguousarray(img.transpose(2, 0, 1))
             changed["rgb"] = True
         if want["depth"]:
             grey = cv2.cvtColor(tex, cv2.COLOR_RGB2GRAY)
             grey = (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-6)
             img, scenario["depth"] = blend(depth.transpose(1, 2, 0), mask, grey[..., None], rng, params, depth=True)
+            img = _weaken(depth.transpose(1, 2, 0), img, params.depth_strength, rng)
             out["depth"] = np.ascontiguousarray(img.transpose(2, 0, 1))
             changed["depth"] = True
     else:
