@@ -112,11 +112,14 @@ def main() -> None:
         out.append("")
     if "fpfh" in args.sections:
         out += ["### FPFH grid and windows (cfm-tiny)", "", HEADER]
-        for stride, nw, fw in ((4, 3, 7), (4, 3, 5), (2, 5, 11), (2, 3, 7), (1, 5, 11)):
-            out.append(row(f"stride {stride}, windows {nw}/{fw}",
-                           [report(args, f"fpfh-s{stride}-{nw}-{fw}", c,
-                                   ["--variant", "tiny", "--fpfh-stride", str(stride), "--fpfh-normal-window", str(nw),
-                                    "--fpfh-feature-window", str(fw)]) for c in cats]))
+        for stride, ns, nw, fw in ((4, 0, 3, 7), (4, 0, 3, 5), (2, 0, 5, 11), (2, 0, 3, 7), (1, 0, 5, 11),
+                                   (4, 2, 5, 5), (4, 2, 5, 7), (4, 1, 9, 5)):
+            tag = f"s{stride}" + (f"n{ns}" if ns else "")
+            label = f"stride {stride}" + (f" (normals stride {ns})" if ns else "") + f", windows {nw}/{fw}"
+            out.append(row(label, [report(args, f"fpfh-{tag}-{nw}-{fw}", c,
+                                          ["--variant", "tiny", "--fpfh-stride", str(stride), "--fpfh-normal-window",
+                                           str(nw), "--fpfh-feature-window", str(fw),
+                                           *(["--fpfh-normal-stride", str(ns)] if ns else [])]) for c in cats]))
         out.append("")
     if "blocks" in args.sections:
         out += ["### EfficientNet-Lite0 blocks feeding the mappers (cfm-tiny)", "", HEADER]

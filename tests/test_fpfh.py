@@ -192,3 +192,37 @@ def test_bad_arguments():
         fpfh(_cloud(), feature_window=4)
     with pytest.raises(ValueError, match="B x H x W x 3"):
         fpfh(torch.zeros(6, 6, 3))
+
+
+def test_cfm_extractor_takes_denser_normals_than_its_histogram_grid():
+    from edge_runtime.methods.cfm.model import CFMConfig, FPFHExtractor
+
+    xyz = _cloud(h=16, w=16, seed=3)
+    ext = FPFHExtractor(normal_window=5, feature_window=5, stride=4, normal_stride=2)
+    got = ext(xyz)
+    assert got.shape == (1, 33, 4, 4)
+    dense = estimate_normals(xyz[:, ::2, ::2].contiguous(), 5)[:, ::2, ::2].contiguous()
+    want = fpfh(xyz[:, ::4, ::4].contiguous(), feature_window=5, normals=dense)
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, FPFHExtractor(5, 5, stride=4)(xyz))  # its own-grid normals differ
+    with pytest.raises(ValueError, match="fpfh_normal_stride must divide"):
+        CFMConfig(resolution=16, extractor_3d="fpfh", fpfh_stride=4, fpfh_normal_stride=3)
+
+
+def test_window_sums_by_integral_image_match_a_direct_sum():
+    from edge_runtime.nets.fpfh import _window_moments_box
+
+    xyz = _cloud(h=9, w=11, seed=4, holes=False)
+    xyz[0, 3, 4] = 0
+    xyz[0, 7:9, 8:10] = 0
+    got = _window_moments_box(xyz, 5).reshape(9, 11, 10)
+    p = xyz[0].double()
+    valid = (p != 0).any(-1)
+    ref = p[valid].mean(0)
+    for i, j in ((0, 0), (4, 5), (8, 10), (2, 9)):
+        pts = [p[a, b] - ref for a in range(max(0, i - 2), min(9, i + 3)) for b in range(max(0, j - 2), min(11, j + 3))
+               if valid[a, b]]
+        q = torch.stack(pts)
+        want = torch.cat([torch.tensor([float(len(pts))], dtype=torch.float64), q.sum(0),
+                          torch.stack([(q[:, a] * q[:, b]).sum() for a, b in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))])])
+        assert torch.allclose(got[i, j], want, atol=1e-12)

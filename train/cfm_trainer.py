@@ -174,7 +174,9 @@ def load_backbones(model: CFMModel, backbone_2d: str | Path | None, backbone_3d:
         elif name == "fpfh":
             provenance[role] = {"name": "fpfh", "source": "no weights (training-free)",
                                 "normal_window": model.cfg.fpfh_normal_window,
-                                "feature_window": model.cfg.fpfh_feature_window}
+                                "feature_window": model.cfg.fpfh_feature_window,
+                                "stride": model.cfg.fpfh_stride,
+                                "normal_stride": model.cfg.fpfh_normal_stride or model.cfg.fpfh_stride}
         elif path is None:
             provenance[role] = {"name": name, "source": RANDOM_INIT}
             random_init.append({"2d": "2D (DINO ViT)", "3d": "3D (Point-MAE)"}[role])
@@ -307,6 +309,8 @@ def add_arguments(group) -> None:
                        help="FPFH histogram window, pixels of its grid (default 11)")
     group.add_argument("--fpfh-stride", type=int, default=2,
                        help="FPFH runs on every N-th pixel of the model grid (default 2: 112 x 112 at 224)")
+    group.add_argument("--fpfh-normal-stride", type=int, default=0,
+                       help="FPFH normals on every N-th pixel, a divisor of --fpfh-stride (default 0: the FPFH grid)")
 
 
 def train(args: argparse.Namespace, common: Common) -> Trained:
@@ -327,7 +331,7 @@ def train(args: argparse.Namespace, common: Common) -> Trained:
         overrides["blocks_2d"] = tuple(int(b) for b in args.blocks_2d.split(","))
     if ext_3d == "fpfh":
         overrides.update(fpfh_normal_window=args.fpfh_normal_window, fpfh_feature_window=args.fpfh_feature_window,
-                         fpfh_stride=args.fpfh_stride)
+                         fpfh_stride=args.fpfh_stride, fpfh_normal_stride=args.fpfh_normal_stride)
     cfg = cfm_config(variant, profile, **overrides)
     settings = TrainSettings(epochs=args.epochs or DEFAULTS["epochs"], batch_size=args.batch_size or DEFAULTS["batch_size"],
                              lr=args.lr or DEFAULTS["lr"], pixels_per_image=args.pixels_per_image,

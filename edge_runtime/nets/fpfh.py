@@ -113,14 +113,18 @@ def _smallest_eigenvector(cov: Tensor) -> tuple[Tensor, Tensor]:
 
 def _window_moments_box(xyz: Tensor, window: int) -> Tensor:
     """Per pixel, over the valid points of its window: count, sum of coordinates, sum of
-    their products (B*H*W x 10), centred on each image's mean (float64 box filters)."""
+    their products (B*H*W x 10), centred on each image's mean (float64 integral image)."""
     b, h, w, _ = xyz.shape
     p = xyz.double()
     valid = (p != 0).any(-1, keepdim=True).double()
     ref = (p * valid).sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
     x, y, z = ((p - ref) * valid).unbind(-1)
     cols = torch.stack([valid[..., 0], x, y, z, x * x, x * y, x * z, y * y, y * z, z * z], 1)
-    box = F.avg_pool2d(cols, window, 1, window // 2, count_include_pad=True) * (window * window)
+    # window sums from an integral image (float64 cumulative sums; zero padding = no point)
+    r = window // 2
+    ii = F.pad(cols, (r + 1, r, r + 1, r)).cumsum_(2).cumsum_(3)
+    box = (ii[..., window:window + h, window:window + w] - ii[..., :h, window:window + w]
+           - ii[..., window:window + h, :w] + ii[..., :h, :w])
     return box.permute(0, 2, 3, 1).reshape(-1, 10)
 
 

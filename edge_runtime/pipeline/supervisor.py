@@ -142,13 +142,14 @@ class Supervisor:
             if not ready_called and not waiting and self.error is None:
                 ready_called = True
                 self.on_ready({"endpoints": self.endpoints(), "run_id": cfg.run_id})
+                self.on_log("endpoints: " + ", ".join(f"{k} {v}" for k, v in sorted(self.endpoints().items())))
                 if cfg.wait_subscribers and not self.subscribed:
                     self.on_log(f"waiting for {cfg.wait_subscribers} alert subscriber(s) on "
                                 f"{self.endpoints().get('alerts')}")
             if started_at is None and ready_called and self.subscribed and self.error is None:
                 self.send("capture", C.START)
                 started_at = now
-                self.on_log(f"started: {', '.join(sorted(self.procs))}")
+                self.on_log("started: " + ", ".join(f"{n} (pid {self.procs[n].pid})" for n in sorted(self.procs)))
             if started_at is None and self.error is None and now - t0 > cfg.startup_timeout_s:
                 what = (f"stages {sorted(waiting)} did not start" if waiting else
                         f"{cfg.wait_subscribers} alert subscriber(s) did not subscribe")

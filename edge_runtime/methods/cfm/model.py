@@ -124,6 +124,9 @@ class CFMConfig:
         pixels of the grid FPFH runs on.
     fpfh_stride: FPFH runs on every ``fpfh_stride``-th pixel of the R x R cloud (R / stride
         grid), so its windows reach ``stride`` times further and it costs stride^2 less.
+    fpfh_normal_stride: the normals are estimated on every ``fpfh_normal_stride``-th pixel
+        (a divisor of ``fpfh_stride``; 0 = the FPFH grid itself) and then sampled onto the
+        FPFH grid: denser normals than histograms, for the cost of the normals only.
     standardize: z-score each feature channel with statistics of the training pixels
         (buffers set by the trainer) before the mappers; used with the offline extractors,
         whose channels have very different scales.
@@ -148,6 +151,7 @@ class CFMConfig:
     fpfh_normal_window: int = 5
     fpfh_feature_window: int = 11
     fpfh_stride: int = 1
+    fpfh_normal_stride: int = 0
     standardize: bool = False
 
     def __post_init__(self):
@@ -160,6 +164,10 @@ class CFMConfig:
             problems.append(f"extractor_3d must be one of {EXTRACTORS_3D}, got {self.extractor_3d!r}")
         if self.fpfh_stride < 1 or self.resolution % self.fpfh_stride:
             problems.append(f"fpfh_stride must divide resolution ({self.resolution}), got {self.fpfh_stride}")
+        ns = self.fpfh_normal_stride or self.fpfh_stride
+        if ns < 1 or self.resolution % ns or self.fpfh_stride % ns:
+            problems.append(f"fpfh_normal_stride must divide fpfh_stride ({self.fpfh_stride}) and resolution "
+                            f"({self.resolution}), got {self.fpfh_normal_stride}")
         if self.extractor_2d.startswith("efficientnet-") and not self.blocks_2d:
             problems.append("blocks_2d must name the EfficientNet blocks to use")
         if self.resolution < 8 or self.resolution % 8:
@@ -386,24 +394,35 @@ class EfficientNetTokens(nn.Module):
 
 
 class FPFHExtractor(nn.Module):
-    """3D extractor without weights: FPFH histograms of every point of the organized cloud
-    (``B x R x R x 3`` -> ``B x 33 x R x R``, zeros where no point)."""
+    """3D extractor without weights: FPFH histograms of every ``stride``-th point of the
+    organized cloud (``B x R x R x 3`` -> ``B x 33 x R/s x R/s``, zeros where no point),
+    with normals estimated on every ``normal_stride``-th point (default: the same grid)."""
 
     per_pixel = True
 
-    def __init__(self, normal_window: int, feature_window: int, stride: int = 1):
+    def __init__(self, normal_window: int, feature_window: int, stride: int = 1, normal_stride: int = 0):
         super().__init__()
         from edge_runtime.nets.fpfh import FPFH
 
         self.fpfh = FPFH(normal_window, feature_window)
         self.stride = int(stride)
+        self.normal_stride = int(normal_stride) or self.stride
         self.out_dim = FPFH_DIM
 
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
         """``B x R x R x 3`` -> ``B x 33 x R/s x R/s`` (FPFH of every s-th pixel, s = stride)."""
+        from edge_runtime.nets.fpfh import estimate_normals, fpfh
+
+        normals = None
+        if self.normal_stride != self.stride:
+            ns, step = self.normal_stride, self.stride // self.normal_stride
+            dense = xyz[:, ::ns, ::ns].contiguous() if ns > 1 else xyz
+            normals = estimate_normals(dense, self.fpfh.normal_window)[:, ::step, ::step]
         if self.stride > 1:
             xyz = xyz[:, :: self.stride, :: self.stride].contiguous()
-        return self.fpfh(xyz)
+        if normals is None:
+            return self.fpfh(xyz)
+        return fpfh(xyz, feature_window=self.fpfh.feature_window, normals=normals.contiguous())
 
 
 class CFMModel(nn.Module):
@@ -421,7 +440,8 @@ class CFMModel(nn.Module):
         else:
             self.backbone_2d = ViTExtractor(depth=cfg.vit_depth)
         if cfg.extractor_3d == "fpfh":
-            self.backbone_3d = FPFHExtractor(cfg.fpfh_normal_window, cfg.fpfh_feature_window, cfg.fpfh_stride)
+            self.backbone_3d = FPFHExtractor(cfg.fpfh_normal_window, cfg.fpfh_feature_window, cfg.fpfh_stride,
+                                             cfg.fpfh_normal_stride)
         else:
             self.backbone_3d = PointMAEExtractor(
                 depth=cfg.pm_depth, feature_layers=cfg.feature_layers,
