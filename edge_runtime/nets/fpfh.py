@@ -143,17 +143,21 @@ def _window_moments_pairs(xyz: Tensor, r: int, radius: float) -> Tensor:
     return sums.reshape(-1, 10)
 
 
-def estimate_normals(xyz: Tensor, window: int = 5, radius: float | None = None) -> Tensor:
+def estimate_normals(xyz: Tensor, window: int = 5, radius: float | None = None, step: int = 1) -> Tensor:
     """Unit normals (B x H x W x 3) by local PCA over a ``window`` x ``window`` pixel
     neighbourhood (optionally within ``radius`` metres), facing the camera at the origin.
-    Zero at missed points."""
+    Zero at missed points. ``step`` > 1: the normals of every ``step``-th pixel only
+    (B x H/step x W/step x 3, rounded up), their windows still on the full grid."""
     xyz = _check_cloud(xyz)
     r = _check_window(window, "window")
-    b, h, w, _ = xyz.shape
     if radius is None:
         sums = _window_moments_box(xyz, window)
     else:
         sums = _window_moments_pairs(xyz, r, radius)
+    if step > 1:  # solve the 3x3 eigenproblems only where they are wanted
+        sums = sums.reshape(*xyz.shape[:3], 10)[:, ::step, ::step]
+        xyz = xyz[:, ::step, ::step]
+    b, h, w, _ = xyz.shape
     sums = sums.reshape(-1, 10)
     cnt = sums[:, 0].clamp_min(1)
     mean = sums[:, 1:4] / cnt[:, None]

@@ -417,7 +417,7 @@ class FPFHExtractor(nn.Module):
         if self.normal_stride != self.stride:
             ns, step = self.normal_stride, self.stride // self.normal_stride
             dense = xyz[:, ::ns, ::ns].contiguous() if ns > 1 else xyz
-            normals = estimate_normals(dense, self.fpfh.normal_window)[:, ::step, ::step]
+            normals = estimate_normals(dense, self.fpfh.normal_window, step=step)
         if self.stride > 1:
             xyz = xyz[:, :: self.stride, :: self.stride].contiguous()
         if normals is None:
