@@ -19,7 +19,8 @@ first use). Prints a markdown table (what docs/_parts/benchmarks_pipeline.md rep
 import argparse
 import sys
 
-from edge_runtime.cli.run import _write_json, bench, bench_table, build_parser
+from edge_runtime.cli.run import bench, bench_table, build_parser
+from edge_runtime.outputs import write_json
 
 
 def main() -> int:
@@ -48,7 +49,7 @@ def main() -> int:
     results = bench(args, rows, lambda text: print(f"bench: {text}", file=sys.stderr, flush=True))
     print(bench_table(results))
     if opts.json:
-        _write_json(opts.json, {"rows": [{**row, **s} for row, s in results]})
+        write_json(opts.json, {"rows": [{**row, **s} for row, s in results]})
     return 0
 
 
