@@ -149,3 +149,29 @@ def private_gateway_state(tmp_path_factory, monkeypatch):
     """The gateway saves its delivered position under $XDG_STATE_HOME: keep every test's
     state private, so no test (or CI run on the same machine) sees another's."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
+def _no_zmq_context_outlives_its_test(monkeypatch):
+    """A test that fails half-way must not leave its ZeroMQ context to the garbage
+    collector: pyzmq's ``Context.__del__`` terminates it, which blocks (in C, where no
+    timeout reaches) while a socket of it is open, and so hangs a later, unrelated test.
+    Every context made during the test is destroyed (linger 0) at its end."""
+    import weakref
+
+    import zmq
+
+    made: weakref.WeakSet = weakref.WeakSet()
+    original = zmq.Context.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.add(self)
+
+    monkeypatch.setattr(zmq.Context, "__init__", init)
+    yield
+    from zmq.utils.garbage import gc as zero_copy_gc  # pyzmq's own, process-wide: keep it
+
+    for ctx in list(made):
+        if not ctx.closed and ctx is not zero_copy_gc._context:
+            ctx.destroy(linger=0)

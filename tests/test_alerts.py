@@ -198,7 +198,10 @@ def test_a_stuck_subscriber_loses_only_its_own_messages(tmp_path):
     XPUB_NODROP socket refused every send once the stuck queue was full)."""
     ctx = zmq.Context()
     endpoint = f"ipc://{tmp_path}/stall.sock"
-    with AlertPublisher(endpoint, None, tmp_path / "b.sqlite", "st1", sndhwm=20, heartbeat_s=0.05) as pub:
+    # sndhwm 200: the healthy reader keeps one message in flight, but the publisher learns
+    # what a subscriber has read only in batches, from its I/O thread; on a loaded CPU a
+    # window of 20 was seen to drop single messages to the healthy one too.
+    with AlertPublisher(endpoint, None, tmp_path / "b.sqlite", "st1", sndhwm=200, heartbeat_s=0.05) as pub:
         stalled = ctx.socket(zmq.SUB)
         stalled.linger, stalled.rcvhwm = 0, 5
         stalled.subscribe(b"")
