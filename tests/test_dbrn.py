@@ -74,6 +74,30 @@ def test_depth_anomalies_leave_the_good_range():
     assert ((out[mask] < 0.2) | (out[mask] > 0.8)).any()
 
 
+def test_defect_strength_scales_the_change():
+    """rgb_strength / depth_strength (k ~ U[lo, hi]) scale the simulated change; (1, 1) is the
+    paper's full-strength blend, and the change stays inside the mask and in range."""
+    rng0 = np.random.default_rng(2)
+    r = 32
+    fg = np.zeros((r, r), bool)
+    fg[4:28, 4:28] = True
+    rgb = rng0.random((3, r, r)).astype(np.float32)
+    depth = np.where(fg, 0.6, LOW).astype(np.float32)[None]
+    full = SimParams(p_modality=(0, 0, 0, 1))
+    for seed in range(6):
+        a = simulate(rgb, depth, fg, np.random.default_rng(seed), full)
+        b = simulate(rgb, depth, fg, np.random.default_rng(seed), SimParams(p_modality=(0, 0, 0, 1),
+                                                                             depth_strength=(0.1, 0.1)))
+        assert np.array_equal(a["mask"], b["mask"]) and np.array_equal(a["rgb"], b["rgb"])
+        assert np.allclose(b["depth"] - depth, 0.1 * (a["depth"] - depth), atol=1e-5)
+        assert not (np.abs(b["depth"] - depth)[0] > 0)[b["mask"] == 0].any()
+        c = simulate(rgb, depth, fg, np.random.default_rng(seed), SimParams(p_modality=(0, 0, 0, 1),
+                                                                             rgb_strength=(0.25, 0.25)))
+        assert np.array_equal(a["mask"], c["mask"])
+        assert np.allclose(c["rgb"] - rgb, 0.25 * (a["rgb"] - rgb), atol=1e-5)
+        assert c["rgb"].min() >= 0 and c["rgb"].max() <= 1
+
+
 def test_blend_translucent_formula():
     rng = np.random.default_rng(5)
     img = rng.random((16, 16, 3)).astype(np.float32)
@@ -335,6 +359,9 @@ def test_trainer_flags():
     cfg = dbrn_trainer.config_for("paper", "rgb")
     assert cfg.embed_dim == 96 and cfg.window == 7 and cfg.depths == (2, 2, 4, 2) and cfg.modality == "rgb"
     assert dbrn_trainer.settings_for("paper").lr_ism == pytest.approx(1e-3)
+    cpu = dbrn_trainer.settings_for("cpu", 3, texture_source="self")
+    assert cpu.epochs == 3 and cpu.texture_source == "self" and cpu.focal_alpha == (0.05, 0.95)
+    assert cpu.sim["max_lattice_log2"] == 5 and dbrn_trainer.config_for("cpu", "rgb").score_pool == 1
 
 
 def test_method_preprocessor_and_valid_mask(synth_samples):

@@ -18,7 +18,12 @@ learning rate drops x0.2 at 80 % and 90 % of the epochs.
 
 Profiles: ``cpu`` (128 px, width 32, small U-Net; one category in <= 30 min on 2 CPU
 cores) and ``paper`` (224 px, Swin-Unet width 96, heads 3/6/12/24, window 7; a GPU
-station). The paper's learning-rate values did not survive in the text we have; we use
+station). The ``cpu`` profile also changes the simulation and the loss (measured in
+docs/results.md, DBRN): smaller Perlin blobs (2^2..2^5 cells), defects of random strength
+(RGB 0.2..1, depth 0.1..1 of the full blend), focal class weights 0.05 / 0.95 (normal /
+anomaly; a simulated defect covers ~1 % of the pixels, and with 0.25 / 0.75 the
+discriminator drifts towards a constant "this is the part" probability), and the raw
+maximum of the map as the image score. The paper's learning-rate values did not survive in the text we have; we use
 1e-4 (reconstructors and discriminator, as DRAEM) and 10x that for the ISM on ``paper``,
 and 10x larger rates on the short ``cpu`` schedule.
 """
@@ -45,7 +50,10 @@ from edge_runtime.nets.ssim import ssim_map
 log = logging.getLogger("edge_train.dbrn")
 
 PROFILES: dict[str, dict] = {
-    "cpu": {"config": {}, "epochs": 60, "batch_size": 4, "lr": 1e-3, "lr_ism": 1e-2},
+    "cpu": {"config": {"score_pool": 1}, "epochs": 60, "batch_size": 4, "lr": 1e-3, "lr_ism": 1e-2,
+            "settings": {"focal_alpha": (0.05, 0.95),
+                         "sim": {"min_lattice_log2": 2, "max_lattice_log2": 5, "rgb_strength": (0.2, 1.0),
+                                 "depth_strength": (0.1, 1.0)}}},
     "paper": {"config": {"resolution": 224, "embed_dim": 96, "heads": (3, 6, 12, 24), "window": 7,
                          "mlp_ratio": 4.0, "disc_width": 64, "disc_levels": 5, "disc_patch": 1, "score_pool": 21},
               "epochs": 700, "batch_size": 8, "lr": 1e-4, "lr_ism": 1e-3},
@@ -66,6 +74,7 @@ class Settings:
     focal_alpha: tuple[float, float] = (0.25, 0.75)  # normal, anomaly class weights
     p_same: float = 0.25
     texture_source: str = "mixed"
+    sim: dict = field(default_factory=dict)  # SimParams overrides (mask scales, defect strengths)
     seed: int = 0
     checkpoint_every: int | None = None
     checkpoint_path: str | None = None
@@ -265,7 +274,7 @@ def fit(model, data: TrainData, settings: Settings, sim: SimParams | None = None
     History: {"epoch": {term: [mean per epoch]}, "steps", "seconds", "epochs"}."""
     from tqdm import tqdm
 
-    sim = sim or SimParams(texture_source=settings.texture_source)
+    sim = sim or SimParams(**{**settings.sim, "texture_source": settings.texture_source})
     if len(model.branches) == 1:
         sim = SimParams(**{**asdict(sim), "p_modality": (0.5, 0.5, 0.5, 0.0)})
     device = torch.device(device)
@@ -363,6 +372,7 @@ def settings_for(profile: str | None, epochs=None, batch_size=None, lr=None, **k
     p = PROFILES[profile or "cpu"]
     lr = lr if lr is not None else p["lr"]
     ism = kw.pop("lr_ism", None)
+    kw = {**p.get("settings", {}), **kw}
     return Settings(epochs=epochs or p["epochs"], batch_size=batch_size or p["batch_size"], lr=lr,
                     lr_ism=ism if ism is not None else lr * p["lr_ism"] / p["lr"], **kw)
 

@@ -27,6 +27,14 @@ constant, so the constants here are ours and named in ``SimParams``):
                       constant c: a random colour for RGB, 0 or 1 (a hole / a stud
                       outside the good range) for depth)
 
+* Defect strength (ours, not the paper's): ``rgb_strength`` / ``depth_strength`` = (lo, hi)
+  draw k ~ U[lo, hi] per anomalous modality and keep only that fraction of the change,
+  I'' = I + k (I' - I), so some simulated defects are as faint / shallow as real ones
+  (a dent on the station is a few hundredths of the normalised depth range, a full-strength
+  blend several tenths). (1, 1), the default, is the paper's blend; the trainer's ``cpu``
+  profile uses (0.2, 1) for RGB and (0.1, 1) for depth, and Perlin lattices of 2^2..2^5
+  cells instead of 2^0..2^4 (smaller blobs on a part that fills a quarter of the frame).
+
 The ground truth is M when at least one modality was changed, else all zeros.
 """
 
