@@ -76,9 +76,9 @@ def run_one(args, name: str, data: Path, category: str, modality: str, profile: 
               "config": cfg.to_dict(), "extractor": spec, "training": {k: v for k, v in fields["training"].items()
                                                                         if not k.endswith("_losses")},
               "final_losses": [fields["training"]["teacher_losses"][-1], fields["training"]["student_losses"][-1]]}
+    ev = evaluate(model, fields["preprocessing"], test)
     for score in ("max", "mean"):
-        ev = evaluate(model, fields["preprocessing"], test, options={"image_score": score})
-        r = report(category, "ast", "", ev["scores"], ev["labels"], ev["maps"], ev["gts"], ev["types"])
+        r = report(category, "ast", "", ev["scores_by"][score], ev["labels"], ev["maps"], ev["gts"], ev["types"])
         result[score] = {k: r[k] for k in METRICS}
         result[score]["per_defect"] = {k: v["i_auroc"] for k, v in r["per_defect"].items()}
         result["n_good"], result["n_defect"] = r["n_good"], r["n_defect"]
@@ -94,12 +94,18 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+# CFM (cfm-tiny, offline Lite0 + FPFH, FPFH grid 112 / windows 5 / 11, 30 epochs) on the same synthetic data:
+# docs/_parts/results_offline.md, `python scripts/cfm_offline_results.py --work runs/cfm_offline --threads 1
+# --categories puck box --sections fpfh` (I-AUROC per category; mean P-AUROC / AUPRO@30% over puck + box)
+CFM_SYNTH = {"puck": 0.855, "box": 0.943, "mean_p_auroc": 0.980, "mean_aupro_30": 0.924}
+
+
 def make_synth(args) -> Path:
     root = args.work / "synth"
     if not (root / args.categories[-1]).is_dir():
         cmd = [str(Path(sys.executable).parent / "edge-synth"), "--out", str(root), "--size", str(args.synth_size),
-               "--categories", *args.categories, "--train", str(args.synth_train), "--val", "10",
-               "--test-good", "25", "--test-defect", "5"]
+               "--categories", *args.categories, "--train", str(args.synth_train), "--val", "20",
+               "--test-good", "20", "--test-defect", "6"]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, capture_output=True)
     return root
@@ -110,31 +116,64 @@ def section_synth(args) -> list[str]:
     rows = {}
     for cat in args.categories:
         for modality in ("rgb", "3d", "rgb+3d"):
-            rows[(cat, modality)] = run_one(args, f"synth-{cat}-{modality}", root, cat, modality,
+            rows[(cat, modality)] = run_one(args, f"synth-{cat}-{modality}-e{args.synth_epochs}", root, cat, modality,
                                             epochs=args.synth_epochs)
     lines = [
         "### Synthetic station (cpu profile)",
         "",
         f"`edge-synth --size {args.synth_size} --categories {' '.join(args.categories)} --train {args.synth_train} "
-        "--val 10 --test-good 25 --test-defect 5`: per category 25 good and 25 defective test parts (5 per type: "
-        "color = RGB only, dent / bump = 3D only, crack / hole = both). cpu profile (EfficientNet-Lite0 block 10 at "
-        f"384 px, student width 256), {args.synth_epochs} epochs teacher + {args.synth_epochs} student. "
-        "Image score max (default) and mean.",
+        "--val 20 --test-good 20 --test-defect 6` (the data of CFM's offline table, seed 0): per category 20 good "
+        "and 30 defective test parts (6 per type: color = RGB only, dent / bump = 3D only, crack / hole = both). "
+        f"cpu profile, {args.synth_epochs} epochs teacher + {args.synth_epochs} student (the profile: 40 + 40). "
+        "Image score max (default) and mean. CFM: cfm-tiny (offline Lite0 + FPFH), same data, from "
+        "results_offline (it reports I-AUROC per category and P-AUROC / AUPRO@30% as the two-category mean).",
         "",
-        "| category | modality | I-AUROC max | I-AUROC mean | P-AUROC | AUPRO@30% | AUPRO@1% | per defect I-AUROC (max) | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| category | modality | I-AUROC max | I-AUROC mean | P-AUROC | AUPRO@30% | AUPRO@1% | per defect I-AUROC (max) | train s | CFM I-AUROC (rgb+3d) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (cat, modality), r in rows.items():
         pd = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["max"]["per_defect"].items()))
+        cfm = _fmt(CFM_SYNTH.get(cat)) if modality == "rgb+3d" else ""
         lines.append(f"| {cat} | {modality} | {_fmt(r['max']['i_auroc'])} | {_fmt(r['mean']['i_auroc'])} | "
                      f"{_fmt(r['max']['p_auroc'])} | {_fmt(r['max']['aupro_30'])} | {_fmt(r['max']['aupro_1'])} | "
-                     f"{pd} | {r['training']['seconds']:.0f} |")
+                     f"{pd} | {r['training']['seconds']:.0f} | {cfm} |")
     for modality in ("rgb", "3d", "rgb+3d"):
         sel = [rows[(c, modality)] for c in args.categories]
         mean = {k: sum(r["max"][k] for r in sel) / len(sel) for k in METRICS}
         mean_i = sum(r["mean"]["i_auroc"] for r in sel) / len(sel)
+        cfm = ""
+        if modality == "rgb+3d" and all(c in CFM_SYNTH for c in args.categories):
+            cfm = (f"{sum(CFM_SYNTH[c] for c in args.categories) / len(args.categories):.3f} "
+                   f"(P {CFM_SYNTH['mean_p_auroc']:.3f}, AUPRO@30 {CFM_SYNTH['mean_aupro_30']:.3f})")
         lines.append(f"| **mean** | {modality} | {_fmt(mean['i_auroc'])} | {_fmt(mean_i)} | {_fmt(mean['p_auroc'])} | "
-                     f"{_fmt(mean['aupro_30'])} | {_fmt(mean['aupro_1'])} | | |")
+                     f"{_fmt(mean['aupro_30'])} | {_fmt(mean['aupro_1'])} | | | {cfm} |")
+    return lines
+
+
+def section_profiles(args) -> list[str]:
+    """cpu vs paper profile (Lite0 extractor for both; B5 needs a user file) on one small synthetic category,
+    few-shot and with the same reduced epochs for both, so the comparison fits the shared CPU."""
+    root = make_synth(args)
+    cat = args.categories[0]
+    rows = []
+    for profile in ("cpu", "paper"):
+        backbone = "lite0" if profile == "paper" else None
+        rows.append((profile, run_one(args, f"profile-{profile}-{cat}-s{args.profile_shots}-e{args.profile_epochs}",
+                                      root, cat, "rgb", profile=profile, backbone=backbone,
+                                      spec="efficientnet-lite0", epochs=args.profile_epochs,
+                                      shots=args.profile_shots)))
+    lines = [
+        f"### cpu vs paper profile ({cat}, rgb, {args.profile_shots} training images, "
+        f"{args.profile_epochs} + {args.profile_epochs} epochs for both)",
+        "",
+        "| profile | extractor, input | student width | I-AUROC max | I-AUROC mean | P-AUROC | AUPRO@30% | train s | ms/frame (model) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for profile, r in rows:
+        c = r["config"]
+        lines.append(f"| {profile} | {c['backbone']} block {c['out_blocks']}, {c['image_size']} px | {c['student_width']} | "
+                     f"{_fmt(r['max']['i_auroc'])} | {_fmt(r['mean']['i_auroc'])} | {_fmt(r['max']['p_auroc'])} | "
+                     f"{_fmt(r['max']['aupro_30'])} | {r['training']['seconds']:.0f} | {r['ms_per_frame']:.0f} |")
     return lines
 
 
@@ -234,21 +273,214 @@ def section_bench(args) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- tire exploration on cached features
+
+EXPLORE_DOC = """Tire exploration: AST teacher + student trained on cached frozen features (exact: the extractor is
+frozen, so caching changes nothing but the time). ``python scripts/ast_results.py explore --help``.
+Features: EfficientNet-Lite0 at --size px, blocks 10 / 12 / 14 / 15 of train, validation and test images,
+cached once in --work/tire_lite0_SIZE.pt. Prints the student-teacher image scores (max, mean, top-10 mean,
+max of the Gaussian-smoothed 192 map, max over cells z-scored with the validation images' per-cell distance
+statistics, max over the inner cells, max over a colour foreground mask) and P-AUROC / AUPRO of the max
+map every --eval-every student epochs. The colour foreground mask (a diagnostic, not in the product): the
+RGB analogue of AST's four-corner background: per image, the Mahalanobis distance of the blurred colour
+(192 px, sigma 2) to the colour statistics of the four 10 % corner patches; foreground = distance > 6,
+dilated by 16 px, any coverage of a grid cell counts."""
+
+
+def colour_foreground(rgb, grid: int, side: int = 192, thr: float = 6.0, dilate: int = 16):
+    """bool grid x grid: cells touched by pixels whose blurred colour is far from the four corners' colour."""
+    import cv2
+    import numpy as np
+
+    small = cv2.GaussianBlur(cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32),
+                             (0, 0), 2.0)
+    c = max(2, round(0.1 * side))
+    cor = np.concatenate([small[:c, :c], small[:c, -c:], small[-c:, :c], small[-c:, -c:]]).reshape(-1, 3)
+    diff = small - cor.mean(0)
+    m = np.sqrt(np.einsum("hwc,cd,hwd->hw", diff, np.linalg.inv(np.cov(cor.T) + 0.25 * np.eye(3)), diff))
+    fg = cv2.dilate((m > thr).astype(np.uint8), np.ones((dilate, dilate), np.uint8)).astype(np.float32)
+    return cv2.resize(fg, (grid, grid), interpolation=cv2.INTER_AREA) > 0
+
+
+def _tire_cache(work: Path, tire: Path, size: int) -> Path:
+    import numpy as np
+    import torch
+
+    from edge_runtime.data.mvtec import MVTec3D
+    from edge_runtime.geometry import MapGeometry, gt_to_map
+    from edge_runtime.methods.ast.preprocess import image_input
+    from edge_runtime.nets.efficientnet import INPUT_NORMALISATION
+    from edge_runtime.nets.efficientnet_weights import build_efficientnet
+
+    path = work / f"tire_lite0_{size}.pt"
+    if path.is_file():
+        return path
+    blocks = (10, 12, 14, 15)
+    net, _ = build_efficientnet("efficientnet-lite0", blocks)
+    net.eval()
+    mean, std = INPUT_NORMALISATION["lite0"]
+    ds = MVTec3D(tire)
+    out = {}
+    for split, key in (("train", "train"), ("validation", "val"), ("test", "test")):
+        feats = {b: [] for b in blocks}
+        labels, types, gts = [], [], []
+        for ref in ds.index("tire", split):
+            s = ref.load()
+            with torch.no_grad():
+                fs = net(torch.from_numpy(image_input(s.rgb, size, mean, std))[None])
+            for b, f in zip(blocks, fs):
+                feats[b].append(f[0].half())
+            if split == "test":
+                labels.append(int(s.label))
+                types.append(s.defect_type)
+                gts.append(gt_to_map(s.gt, (192, 192), MapGeometry.identity(s.gt.shape)))
+        out[key] = {b: torch.stack(v) for b, v in feats.items()}
+        if split == "test":
+            out.update(labels=labels, types=types, gts=np.stack(gts))
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return path
+
+
+def explore(argv) -> int:
+    import cv2
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.metrics import roc_auc_score
+
+    from edge_runtime.methods.ast.config import ASTConfig
+    from edge_runtime.methods.ast.model import ASTStudent, ASTTeacher, student_loss, teacher_loss
+    from edge_runtime.report import evaluate as report
+
+    ap = argparse.ArgumentParser(prog="ast_results.py explore", description=EXPLORE_DOC)
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "ast_explore")
+    ap.add_argument("--tire", type=Path, required=True)
+    ap.add_argument("--size", type=int, default=768)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[14])
+    ap.add_argument("--teacher-epochs", type=int, default=20)
+    ap.add_argument("--student-epochs", type=int, default=20)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--student-blocks", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-4, help="teacher lr (paper 2e-4)")
+    ap.add_argument("--student-lr", type=float, default=None, help="default: --lr")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--pos", type=int, default=32)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="run")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    d = torch.load(_tire_cache(a.work, a.tire, a.size), weights_only=False)
+    grid = a.size // 32
+
+    def get(split):
+        fs = []
+        for b in a.blocks:
+            f = d[split][b].float()
+            fs.append(F.avg_pool2d(f, f.shape[-1] // grid) if f.shape[-1] > grid else f)
+        return torch.cat(fs, 1)
+
+    xtr, xte, xva = get("train"), get("test"), get("val")
+    labels, gts, types = np.array(d["labels"]), d["gts"], d["types"]
+    from edge_runtime.data.mvtec import MVTec3D
+
+    fg_test = torch.from_numpy(np.stack([colour_foreground(r.load().rgb, grid)
+                                         for r in MVTec3D(a.tire).index("tire", "test")]))
+    cfg = ASTConfig(modality="rgb", backbone="lite0", out_blocks=(14,), image_size=a.size, grid=grid,
+                    pos_channels=a.pos, student_width=a.width, student_blocks=a.student_blocks,
+                    teacher_hidden=a.hidden)
+    object.__setattr__(cfg, "out_blocks", tuple(a.blocks))  # channels of the concatenation
+    torch.manual_seed(0)
+    teacher, student = ASTTeacher(cfg), ASTStudent(cfg)
+    fg = torch.ones(xtr.shape[0], grid, grid)  # RGB only: every cell counts
+    gen = torch.Generator().manual_seed(0)
+
+    def loop(mod, lossf, data, epochs, lr, desc, cb=None):
+        opt = torch.optim.Adam([p for p in mod.parameters() if p.requires_grad], lr=lr, weight_decay=1e-5)
+        n, t0 = data[0].shape[0], time.time()
+        for ep in range(epochs):
+            mod.train()
+            order, tot = torch.randperm(n, generator=gen), 0.0
+            for i in range(0, n, a.batch_size):
+                idx = order[i:i + a.batch_size]
+                if len(idx) < 2:
+                    continue
+                loss = lossf(*[v[idx] for v in data])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                tot += loss.item() * len(idx)
+            print(f"{desc} epoch {ep + 1} loss {tot / n:.4f} {time.time() - t0:.0f} s", flush=True)
+            if cb and a.eval_every and (ep + 1) % a.eval_every == 0 and ep + 1 < epochs:
+                cb(ep + 1)
+        mod.eval()
+        return time.time() - t0
+
+    tt = loop(teacher, lambda x, f: teacher_loss(teacher, x, f), (xtr, fg), a.teacher_epochs, a.lr, "teacher")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def run(mod, x):
+        with torch.no_grad():
+            return torch.cat([mod(x[i:i + 16]) for i in range(0, len(x), 16)])
+
+    ttr, tte, tva = run(teacher, xtr), run(teacher, xte), run(teacher, xva)
+
+    def ev(ep):
+        student.eval()
+        dist = ((run(student, xte) - tte) ** 2).mean(1)
+        dva = ((run(student, xva) - tva) ** 2).mean(1)
+        zn = (dist - dva.mean(0)) / (dva.std(0) + 1e-6)
+        maps = F.interpolate(dist[:, None], size=(192, 192), mode="bicubic", align_corners=False)[:, 0]
+        maps = maps.clamp_min(0).numpy()
+        smooth = np.stack([cv2.GaussianBlur(m, (0, 0), 4) for m in maps])
+        flat = dist.flatten(1)
+        scores = {"max": flat.max(1).values, "mean": flat.mean(1), "top10": flat.topk(10, 1).values.mean(1),
+                  "smooth4_max": torch.from_numpy(smooth.reshape(len(smooth), -1).max(1)),
+                  "val_z_max": zn.flatten(1).max(1).values, "inner_max": dist[:, 1:-1, 1:-1].flatten(1).max(1).values,
+                  "colour_fg_max": (dist * fg_test).flatten(1).max(1).values,
+                  "colour_fg_mean": (dist * fg_test).flatten(1).sum(1) / fg_test.flatten(1).sum(1)}
+        res = {k: roc_auc_score(labels, v.numpy()) for k, v in scores.items()}
+        r = report("tire", "ast", "", scores["max"].numpy(), labels, maps, gts, types)
+        res.update(p_auroc=r["p_auroc"], aupro_30=r["aupro_30"], aupro_1=r["aupro_1"],
+                   train_dist=float(((run(student, xtr[:32]) - ttr[:32]) ** 2).mean()),
+                   test_good_dist=float(dist[labels == 0].mean()))
+        np.save(a.work / f"dist_{a.name}_e{ep}.npy", dist.numpy())
+        print(f"EVAL student epoch {ep}", json.dumps({k: round(float(v), 3) for k, v in res.items()}), flush=True)
+        student.train()
+        return res
+
+    ts = loop(student, lambda x, t, f: student_loss(student, x, t, f), (xtr, ttr, fg), a.student_epochs,
+              a.student_lr or a.lr, "student", ev)
+    res = ev(a.student_epochs)
+    res.update(name=a.name, args={k: str(v) for k, v in vars(a).items()}, seconds_teacher=tt, seconds_student=ts)
+    with open(a.work / "explore.jsonl", "a") as fh:
+        fh.write(json.dumps(res) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "ast_results")
     ap.add_argument("--tire", type=Path, default=None, help="root holding the tire category (MVTec 3D-AD layout)")
-    ap.add_argument("--sections", nargs="+", default=["synth", "tire"], choices=["synth", "tire", "bench"])
+    ap.add_argument("--sections", nargs="+", default=["synth", "tire"], choices=["synth", "tire", "profiles", "bench"])
     ap.add_argument("--bench-threads", type=int, default=2)
     ap.add_argument("--bench-frames", type=int, default=5)
     ap.add_argument("--bench-out", type=Path, default=REPO / "docs" / "_parts" / "benchmarks_ast.md")
-    ap.add_argument("--categories", nargs="+", default=["puck", "box", "cookie"])
-    ap.add_argument("--synth-size", type=int, default=256)
+    ap.add_argument("--categories", nargs="+", default=["puck", "box"])
+    ap.add_argument("--synth-size", type=int, default=224)
     ap.add_argument("--synth-train", type=int, default=40)
     ap.add_argument("--synth-epochs", type=int, default=20)
+    ap.add_argument("--profile-shots", type=int, default=8)
+    ap.add_argument("--profile-epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "_parts" / "results_ast.md")
     ap.add_argument("--quiet", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["explore"]:
+        return explore(argv[1:])
     args = ap.parse_args(argv)
     args.tire_runs = TIRE_RUNS
     t0 = time.time()
@@ -262,6 +494,8 @@ def main(argv=None) -> int:
         lines += section_tire(args) + [""]
     if "synth" in args.sections:
         lines += section_synth(args) + [""]
+    if "profiles" in args.sections:
+        lines += section_profiles(args) + [""]
     lines.append(f"Command: `python scripts/ast_results.py --work {args.work} "
                  + (f"--tire {args.tire} " if args.tire else "") + f"--sections {' '.join(args.sections)}` "
                  f"({time.time() - t0:.0f} s this run, cached runs skipped).")

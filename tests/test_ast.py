@@ -235,6 +235,9 @@ def test_teacher_loss_falls_and_student_learns_3d(make_mvtec, tmp_path):
     assert fields["extractors"] == {} and "depth_size" in fields["preprocessing"]
     ev = evaluate(model, fields["preprocessing"], MVTec3D(root).index("widget", "test"))
     assert ev["maps"].shape == (6, 16, 16) and np.isfinite(ev["scores"]).all()
+    # every image score from the same pass; "scores" is the model's choice (max by default)
+    assert np.allclose(ev["scores_by"]["max"], ev["scores"], rtol=1e-5, atol=1e-7)
+    assert (ev["scores_by"]["mean"] <= ev["scores_by"]["max"] + 1e-7).all()
 
 
 @needs_lite0

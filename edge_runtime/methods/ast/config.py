@@ -151,7 +151,9 @@ PROFILES: dict[str, dict] = {
         "backbone_2d": "efficientnet-lite0",
         "config": {"backbone": "lite0", "out_blocks": (10,), "image_size": 384, "grid": 24, "depth_unshuffle": 8,
                    "student_width": 256, "student_blocks": 4, "map_size": 192},
-        "epochs": 40, "batch_size": 8,
+        # 20 + 20 epochs: the tire (105 images) trained in 805 s with one torch thread on a shared
+        # 2-core CPU (docs/results.md, AST); 40 + 40 would be ~27 minutes
+        "epochs": 20, "batch_size": 8,
     },
 }
 
