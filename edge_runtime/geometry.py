@@ -4,7 +4,8 @@ Every method scores on a grid of its own (CFM: the image square-padded and resiz
 R x R; AST and DBRN: the image resized to R x R without padding). All of them are the
 same affine picture: the map covers a *canvas* of ``canvas_h x canvas_w`` image pixels
 whose top-left corner sits at ``(-top, -left)`` in image coordinates (``top``/``left`` > 0
-means padding above / left of the image), sampled on the map's ``h x w`` grid. A method
+means padding above / left of the image, < 0 a crop that starts inside it), sampled on
+the map's ``h x w`` grid. A method
 says which canvas it uses (``Method.geometry``); everything that turns maps into image
 pixels (regions, overlays, gt alignment, the live view) works from that tuple alone, so
 the geometry travels with a frame as four integers and no consumer knows the method.
@@ -19,6 +20,9 @@ import cv2
 import numpy as np
 
 from edge_runtime.errors import DataError
+
+
+MAX_SIDE = 1 << 20  # bound on canvas sides and offsets read from the wire
 
 
 class MapGeometry(NamedTuple):
@@ -50,8 +54,9 @@ class MapGeometry(NamedTuple):
             g = cls(*(int(v) for v in value))
         except (TypeError, ValueError):
             raise DataError(None, f"geometry must be 4 integers [canvas_h, canvas_w, top, left], got {value!r}") from None
-        if g.canvas_h < 1 or g.canvas_w < 1 or g.top < 0 or g.left < 0:
-            raise DataError(None, f"geometry {list(g)}: canvas sides must be >= 1 and offsets >= 0")
+        if g.canvas_h < 1 or g.canvas_w < 1 or max(abs(g.top), abs(g.left), g.canvas_h, g.canvas_w) > MAX_SIDE:
+            raise DataError(None, f"geometry {list(g)}: canvas sides must be 1..{MAX_SIDE} and offsets "
+                                  f"within +-{MAX_SIDE}")
         return g
 
 
@@ -68,8 +73,11 @@ def map_to_image(amap: np.ndarray, image_shape: tuple[int, ...], geometry: MapGe
     g = geometry
     full = cv2.resize(np.asarray(amap, dtype=np.float32), (g.canvas_w, g.canvas_h), interpolation=cv2.INTER_LINEAR)
     out = np.zeros((h, w), np.float32)
-    part = full[g.top:g.top + h, g.left:g.left + w]
-    out[:part.shape[0], :part.shape[1]] = part
+    y0, x0 = max(0, -g.top), max(0, -g.left)  # first image row / column the canvas covers
+    cy, cx = y0 + g.top, x0 + g.left  # the same on the canvas
+    ny, nx = min(h - y0, g.canvas_h - cy), min(w - x0, g.canvas_w - cx)
+    if ny > 0 and nx > 0:
+        out[y0:y0 + ny, x0:x0 + nx] = full[cy:cy + ny, cx:cx + nx]
     return out
 
 

@@ -198,7 +198,7 @@ def load_backbones(model: CFMModel, backbone_2d: str | Path | None, backbone_3d:
 
 def prepare_inputs(data: str | Path, category: str, resolution: int, shots: int | None = None,
                    shot_mode: str = "first", seed: int = 0, clean: bool = True,
-                   progress: bool = True) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+                   progress: bool = True, crop: float | None = None) -> tuple[list[dict[str, np.ndarray]], list[str]]:
     """Training images of ``category`` (train/good, optionally a few-shot subset),
     preprocessed by ``cfm_preprocess``; returns (inputs, rgb file paths). A frame that
     cannot be preprocessed raises ``DataError`` naming its xyz file."""
@@ -211,7 +211,7 @@ def prepare_inputs(data: str | Path, category: str, resolution: int, shots: int 
         if sample.xyz is None:
             raise DataError(ref.paths["rgb"], "CFM needs xyz point clouds; this category is RGB-only")
         try:
-            inputs.append(cfm_preprocess(sample.rgb, sample.xyz, resolution=resolution, clean=clean))
+            inputs.append(cfm_preprocess(sample.rgb, sample.xyz, resolution=resolution, clean=clean, crop=crop))
         except DataError as err:
             raise DataError(ref.paths.get("xyz", ref.paths["rgb"]), err.problem) from None
         names.append(ref.paths["rgb"])
@@ -221,7 +221,7 @@ def prepare_inputs(data: str | Path, category: str, resolution: int, shots: int 
 def train_cfm(cfg: CFMConfig, data: str | Path, category: str, settings: TrainSettings,
               shots: int | None = None, shot_mode: str = "first", device: str = "cpu",
               backbone_2d: str | Path | None = None, backbone_3d: str | Path | None = None,
-              progress: bool = True) -> tuple[CFMModel, dict]:
+              progress: bool = True, crop: float | None = None) -> tuple[CFMModel, dict]:
     """The whole ``edge-train --method cfm`` job; returns (trained model on CPU, the
     manifest fields for ``save_bundle``: preprocessing, backbones, warnings, training)."""
     t0 = time.perf_counter()
@@ -231,8 +231,10 @@ def train_cfm(cfg: CFMConfig, data: str | Path, category: str, settings: TrainSe
     provenance, warnings = load_backbones(model, backbone_2d, backbone_3d)
     model.to(dev)
     preprocessing = {"resolution": cfg.resolution, "clean": True}
+    if crop is not None:
+        preprocessing["crop"] = float(crop)
     inputs, names = prepare_inputs(data, category, cfg.resolution, shots, shot_mode, settings.seed,
-                                   clean=preprocessing["clean"], progress=progress)
+                                   clean=preprocessing["clean"], progress=progress, crop=crop)
     t_prep = time.perf_counter() - t0
     cache = extract_features(model, inputs, dev, batch_size=settings.batch_size,
                              cache_mb=settings.cache_mb, seed=settings.seed, progress=progress, names=names)
@@ -311,6 +313,10 @@ def add_arguments(group) -> None:
                        help="FPFH histogram window, pixels of its grid (default 5)")
     group.add_argument("--fpfh-stride", type=int, default=4,
                        help="FPFH histograms on every N-th pixel of the model grid (default 4: 56 x 56 at 224)")
+    group.add_argument("--crop", type=float, default=None, metavar="MARGIN",
+                       help="model input = a square around the part (its cleaned points' bounding box "
+                            "grown by MARGIN x its side, e.g. 0.1) instead of the whole frame; for parts that "
+                            "fill a small share of the camera's view (default: the whole frame)")
     group.add_argument("--fpfh-normal-stride", type=int, default=2,
                        help="FPFH normals on every N-th pixel, a divisor of --fpfh-stride (default 2: 112 x 112 "
                             "at 224; 0 = the histograms' grid)")
@@ -341,7 +347,7 @@ def train(args: argparse.Namespace, common: Common) -> Trained:
                              cache_mb=args.cache_mb, seed=args.seed)
     model, fields = train_cfm(cfg, args.data, args.category, settings, shots=args.shots, shot_mode=args.shot_mode,
                               device=str(common.device), backbone_2d=args.backbone_2d, backbone_3d=args.backbone_3d,
-                              progress=common.progress)
+                              progress=common.progress, crop=args.crop)
     fields["training"]["profile"] = profile
     for line in summary_lines(fields["training"], args.out):
         log.info(line)

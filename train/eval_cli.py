@@ -112,7 +112,7 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
         labels.append(sample.label)
         types.append(sample.defect_type)
         maps.append(result.amap)
-        geometry = method.geometry(sample.rgb.shape, manifest)
+        geometry = getattr(inputs, "geometry", None) or method.geometry(sample.rgb.shape, manifest)
         gts.append(gt_to_map(sample.gt, result.amap.shape, geometry))
         if args.plots is not None:
             images.append(sample_on_grid(sample.rgb, result.amap.shape, geometry))

@@ -171,8 +171,9 @@ def preprocess_frame(det, frame: Frame, keep_rgb: bool = False, limits: ImageLim
     anything with that method: the depth preprocessing).
 
     Output arrays: "in:<key>" for each array ``det.preprocess`` returns, plus the original
-    "rgb" when ``keep_rgb`` (heat-map overlays); header "geometry" from ``det.geometry``
-    (identity when it has none). Failures: ``check_inputs``' verdict; a ``DataError``
+    "rgb" when ``keep_rgb`` (heat-map overlays); header "geometry" from the inputs' own
+    ``geometry`` when the preprocessor gives one per frame, else ``det.geometry`` (identity
+    when it has none). Failures: ``check_inputs``' verdict; a ``DataError``
     from the preprocessor -> NOT_DECIDABLE with its problem (it refuses this input, e.g.
     nothing left after background removal); any other exception, or a result that
     cannot go on the wire -> ERROR.
@@ -196,6 +197,8 @@ def preprocess_frame(det, frame: Frame, keep_rgb: bool = False, limits: ImageLim
         return stamp(fail(frame, "NOT_DECIDABLE", f"preprocess: {exc.problem}"), "preprocess", entry)
     except Exception as exc:  # a detector bug must cost one frame, not the pipeline
         return stamp(fail(frame, "ERROR", f"preprocess failed: {type(exc).__name__}: {exc}"), "preprocess", entry)
+    if getattr(inputs, "geometry", None) is not None:  # a per-frame geometry (e.g. a crop around the part)
+        frame.header["geometry"] = [int(v) for v in inputs.geometry]
     if not isinstance(inputs, dict):
         return stamp(fail(frame, "ERROR", f"preprocess returned {type(inputs).__name__}, not a dict of arrays"),
                      "preprocess", entry)

@@ -25,6 +25,7 @@ from edge_runtime.data.depth import (
     valid_mask,
 )
 from edge_runtime.errors import DataError
+from edge_runtime.geometry import MapGeometry
 
 PAD_MULTIPLE = 100  # the released code pads to a square side rounded up to a multiple of 100
 
@@ -65,6 +66,38 @@ def _resize_rgb_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
     return out[0].permute(1, 2, 0).numpy()
 
 
+class ModelInputs(dict):
+    """The model's input arrays by name, and ``geometry``: where this frame's anomaly map
+    lies on the camera image (a ``MapGeometry``; it differs per frame when the inputs are
+    an object-centred crop). A plain dict to every consumer that needs only the arrays."""
+
+    geometry: MapGeometry | None = None
+
+
+def _canvas(arr: np.ndarray, top: int, left: int, side: int, mode: str) -> np.ndarray:
+    """The ``side`` x ``side`` window of ``arr`` at (top, left), padded where it leaves
+    the image (``mode``: "constant" zeros, "edge" repeated border pixels)."""
+    h, w = arr.shape[:2]
+    pads = [(max(0, -top), max(0, top + side - h)), (max(0, -left), max(0, left + side - w))]
+    pads += [(0, 0)] * (arr.ndim - 2)
+    y0, x0 = max(0, top), max(0, left)
+    sub = arr[y0:min(h, top + side), x0:min(w, left + side)]
+    return np.pad(sub, pads, mode=mode) if any(a or b for a, b in pads) else sub
+
+
+def object_square(valid: np.ndarray, geometry: MapGeometry, margin: float) -> tuple[int, int, int]:
+    """(top, left, side) in image pixels of the square around the valid points of an
+    R x R grid laid on the image by ``geometry``, grown by ``margin`` x its side on each side."""
+    ys, xs = np.nonzero(valid)
+    r = valid.shape[0]
+    cell = geometry.canvas_h / r
+    y0, y1 = ys.min() * cell - geometry.top, (ys.max() + 1) * cell - geometry.top
+    x0, x1 = xs.min() * cell - geometry.left, (xs.max() + 1) * cell - geometry.left
+    side = max(y1 - y0, x1 - x0) * (1.0 + 2.0 * margin)
+    side = int(np.ceil(max(side, 8.0)))
+    return int(round((y0 + y1 - side) / 2)), int(round((x0 + x1 - side) / 2)), side
+
+
 def cfm_preprocess(
     rgb: np.ndarray,
     xyz: np.ndarray,
@@ -72,7 +105,8 @@ def cfm_preprocess(
     clean: bool = True,
     seed: int = 0,
     max_gap_m: float | None = 0.006,
-) -> dict[str, np.ndarray]:
+    crop: float | None = None,
+) -> ModelInputs:
     """CFM model input for one frame: the runtime's "depth preprocessing" stage and training.
 
     ``rgb`` uint8 H x W x 3 (RGB order), ``xyz`` float H x W x 3 metres (same H, W).
@@ -85,7 +119,12 @@ def cfm_preprocess(
     border strip is the camera image's), then ``largest_component(max_gap_m=max_gap_m)``
     on the R x R grid (about 10x fewer pixels at 800 x 600 -> 224; a grid step there
     spans ~3.6 camera pixels, closer to DBSCAN's 6 mm reach than camera-pixel
-    adjacency). Returns ``{"rgb": float32 3 x R x R, "xyz": float32 R x R x 3 (metres)}``.
+    adjacency). Returns ``{"rgb": float32 3 x R x R, "xyz": float32 R x R x 3 (metres)}``
+    as ``ModelInputs`` whose ``geometry`` places the R x R grid on the image.
+    ``crop`` (a margin, e.g. 0.1; needs ``clean``): instead of the whole padded frame, the
+    model sees a square around the part (the cleaned points' bounding box, grown by
+    ``crop`` x its side on each side), so a part that fills a small share of the camera's
+    view still gets the whole R x R grid; the geometry then follows the part.
     Source: CFM released ``preprocess_mvtec.py`` + ``dataset.py``. Raises DataError (no
     path: the caller adds the file / frame id) on malformed input or when no valid 3D
     point is left.
@@ -100,17 +139,30 @@ def cfm_preprocess(
             f"rgb is {rgb.shape[0]} x {rgb.shape[1]} but xyz is {xyz.shape[0]} x {xyz.shape[1]}; "
             "they must be pixel-registered",
         )
+    if crop is not None and (not clean or crop < 0):
+        raise ValueError(f"crop needs clean=True and a margin >= 0, got crop={crop!r}, clean={clean!r}")
     if clean:
         xyz = remove_background_plane(xyz, seed=seed)
+    geometry = MapGeometry.square_pad(xyz.shape, PAD_MULTIPLE)
     xyz_r = resize_organized(square_pad(xyz, mode="constant"), resolution).astype(np.float32, copy=False)
     if clean:
         xyz_r = cv2.copyTo(xyz_r, largest_component(xyz_r, max_gap_m=max_gap_m).view(np.uint8))
     if not valid_mask(xyz_r).any():
         raise DataError(None, f"xyz: no valid 3D point left in the {resolution} x {resolution} model input")
-    chw = _resize_rgb_bicubic(square_pad(rgb, mode="edge"), resolution).transpose(2, 0, 1).astype(np.float32)
+    if crop is not None:  # the part found on the padded grid, then cut from the full frame
+        top, left, side = object_square(valid_mask(xyz_r), geometry, crop)
+        geometry = MapGeometry(side, side, -top, -left)
+        xyz_r = resize_organized(_canvas(xyz, top, left, side, "constant"), resolution).astype(np.float32, copy=False)
+        xyz_r = cv2.copyTo(xyz_r, largest_component(xyz_r, max_gap_m=max_gap_m).view(np.uint8))
+        rgb_sq = _canvas(rgb, top, left, side, "edge")
+    else:
+        rgb_sq = square_pad(rgb, mode="edge")
+    chw = _resize_rgb_bicubic(rgb_sq, resolution).transpose(2, 0, 1).astype(np.float32)
     mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None] * 255
     inv_std = 1 / (np.asarray(IMAGENET_STD, np.float32)[:, None, None] * 255)
-    return {"rgb": (chw - mean) * inv_std, "xyz": xyz_r}
+    out = ModelInputs(rgb=(chw - mean) * inv_std, xyz=xyz_r)
+    out.geometry = geometry
+    return out
 
 
 def cfm_gt(gt: np.ndarray, resolution: int = 224) -> np.ndarray:
