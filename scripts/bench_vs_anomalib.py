@@ -4,8 +4,9 @@ Same frames (synthetic station, preprocessed once by ``cfm_preprocess`` at 224),
 machine, same run, random weights on both sides (no pretrained file can be had
 offline), model forward only (decoded + preprocessed tensors in, score and map out).
 anomalib has no pruned variants, so both of ours are compared against its full model.
-Ours runs twice: with the paper's settings (1024 groups x 128 points, mappers on the full
-grid) and with the ``cpu`` profile (256 x 32, mappers on a 56 x 56 grid).
+Ours runs with the paper's settings (1024 groups x 128 points, mappers on the full grid),
+with the ``cpu`` profile (256 x 32, mappers on a 56 x 56 grid), and with the offline
+extractors that are the default (EfficientNet-Lite0 + FPFH, cpu profile).
 
 anomalib needs a torch/torchvision pair that the project's own venv does not carry,
 so this runs in a separate venv that has anomalib and sees this repo on PYTHONPATH:
@@ -24,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+OFFLINE = dict(extractor_2d="efficientnet-lite0", extractor_3d="fpfh", fpfh_stride=4, fpfh_normal_stride=2,
+               fpfh_normal_window=5, fpfh_feature_window=5)  # train/cfm_trainer.py defaults
 
 
 def anomalib_cfm():
@@ -87,6 +92,12 @@ def main() -> None:
                 ours = CFMModel(cfm_config(variant, profile=profile)).eval()
                 rows[f"edge_runtime cfm-{variant}, {profile} profile"] = time_frames(
                     lambda rgb, xyz: ours(rgb, xyz), inputs)
+        # the default since the offline extractors (what edge-train --method cfm builds without
+        # files): EfficientNet-Lite0 + FPFH, with the trainer's default FPFH grids and windows
+        for variant in ("full", "tiny"):
+            ours = CFMModel(cfm_config(variant, profile="cpu", **OFFLINE)).eval()
+            rows[f"edge_runtime cfm-{variant}, cpu profile, Lite0 + FPFH (default)"] = time_frames(
+                lambda rgb, xyz: ours(rgb, xyz), inputs)
     base = statistics.median(rows["anomalib CFM (full)"])
     print(f"torch {torch.__version__}, {args.threads} threads, {args.frames} frames at 224")
     print("| model | median ms/frame | speed-up vs anomalib |")
