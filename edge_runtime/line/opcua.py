@@ -341,6 +341,9 @@ def load_node_map(path: str | Path) -> dict[str, str]:
     return data
 
 
+CLOSE_FLUSH_S = 10.0  # how long a closing writer keeps writing what it accepted
+
+
 class OpcUaWriterSink(Sink):
     """Writes each result into an existing OPC UA server's nodes (``--opcua-write``).
 
@@ -434,9 +437,15 @@ class OpcUaWriterSink(Sink):
     async def _empty(self) -> bool:
         return self.queue.empty() and self._current is None
 
-    def close(self) -> None:
-        if self.connected.is_set():
-            self.flush(2.0)
+    async def _pending(self) -> int:
+        return self.queue.qsize() + (self._current is not None)
+
+    def close(self, timeout: float = CLOSE_FLUSH_S) -> None:
+        """Write what was accepted before stopping (at most ``timeout`` s, also while the
+        first connection is still being made); what is left is logged with its count."""
+        if not self.flush(timeout):
+            log.warning("OPC UA writer %s: %d result(s) not written at exit (server unreachable for %.0f s)",
+                        self.url, self.lt.run(self._pending(), 5), timeout)
         self._task.cancel()
         time.sleep(0.05)
         self.lt.stop()
