@@ -564,3 +564,21 @@ def test_ingress_refuses_frames_over_the_image_limits_by_their_header():
     finally:
         src.close()
         ctx.destroy(linger=0)
+
+
+def test_run_stats_count_decisions_against_the_known_truth_of_test_parts():
+    from edge_runtime.pipeline.stats import part_truth
+
+    assert part_truth("synth:puck/stream/good/000") == "good"
+    assert part_truth("box/test/crack/004") == "defective"
+    assert part_truth("camera-7") is None and part_truth(None) is None and part_truth("a/train/good/0") is None
+    st = RunStats()
+    sources = ["synth:puck/stream/good/000", "synth:puck/stream/dent/001", "synth:puck/stream/good/002",
+               "synth:puck/stream/hole/003", "cam-1"]
+    for i, (src, dec) in enumerate(zip(sources, ["OK", "NOT_OK", "NOT_OK", "OK", "OK"])):
+        st.add({**_record(i, dec, 10 * i, 10 * i + 5), "source": src}, {}, None)
+    snap = st.snapshot(10**9)
+    assert snap["truth"]["good"]["OK"] == 1 and snap["truth"]["good"]["NOT_OK"] == 1
+    assert snap["truth"]["defective"]["NOT_OK"] == 1 and snap["truth"]["defective"]["OK"] == 1
+    text = format_summary(snap)
+    assert "defects found 1/2 (50 %), good parts rejected 1/2 (50 %)" in text

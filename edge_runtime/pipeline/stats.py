@@ -142,6 +142,7 @@ class RunStats:
         self.reasons: Counter = Counter()
         self.duplicates = 0
         self.by_category: dict[str, Counter] = {}
+        self.by_truth: dict[str, Counter] = {}  # "good" / "defective" -> decisions (known parts)
         self.captured: int | None = None
         self.stage = {s: Window(window) for s in STAGES}
         self.wait = {s: Window(window) for s in STAGES[1:]}
@@ -164,6 +165,9 @@ class RunStats:
             if category not in self.by_category and len(self.by_category) >= MAX_CATEGORIES:
                 category = "(other)"
             self.by_category.setdefault(category, Counter())[decision] += 1
+        truth = part_truth(record.get("source"))
+        if truth is not None:
+            self.by_truth.setdefault(truth, Counter())[decision] += 1
         if record.get("reason"):
             known = record["reason"] in self.reasons or len(self.reasons) < MAX_REASONS
             self.reasons[record["reason"] if known else "(other)"] += 1
@@ -206,7 +210,20 @@ class RunStats:
             },
             "reasons": dict(self.reasons.most_common()),
             "categories": {c: {d: n[d] for d in DECISIONS} for c, n in sorted(self.by_category.items())},
+            "truth": {t: {d: n[d] for d in DECISIONS} for t, n in sorted(self.by_truth.items())},
         }
+
+
+def part_truth(source: str | None) -> str | None:
+    """"good" / "defective" for a part whose source names its test folder (the synthetic
+    station's ``synth:<category>/<split>/<defect>/<stem>``, a replayed test sample's
+    ``<category>/test/<defect>/<stem>``); None for anything else (a camera)."""
+    if not source:
+        return None
+    parts = source.removeprefix("synth:").split("/")
+    if len(parts) != 4 or parts[1] not in ("test", "stream"):
+        return None
+    return "good" if parts[2] == "good" else "defective"
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,6 +269,18 @@ def format_summary(snap: dict[str, Any]) -> str:
         lines.append("per category:")
         for cat, counts in categories.items():
             lines.append(f"  {cat}: " + ", ".join(f"{d} {counts[d]}" for d in DECISIONS if counts.get(d)))
+    truth = snap.get("truth") or {}
+    if truth:
+        lines.append("against the known truth (synthetic station / replayed test parts):")
+        for t in ("good", "defective"):
+            if t in truth:
+                lines.append(f"  {t}: " + ", ".join(f"{d} {truth[t][d]}" for d in DECISIONS if truth[t].get(d)))
+        good, bad = truth.get("good", {}), truth.get("defective", {})
+        tp, fn = bad.get("NOT_OK", 0), bad.get("OK", 0)
+        fp, tn = good.get("NOT_OK", 0), good.get("OK", 0)
+        if tp + fn and fp + tn:
+            lines.append(f"  defects found {tp}/{tp + fn} ({100 * tp / (tp + fn):.0f} %), good parts rejected "
+                         f"{fp}/{fp + tn} ({100 * fp / (fp + tn):.0f} %)")
     if snap["reasons"]:
         lines.append("reasons (frames, reason):")
         reasons = list(snap["reasons"].items())
