@@ -23,7 +23,8 @@ class CFMMethod(Method):
     title = "Crossmodal Feature Mapping (Costanzino et al., CVPR 2024)"
     modalities = ("rgb+3d",)
     variants = ("tiny", "small", "medium", "full")
-    scoring_options = {"aggregation": ("product", "sum", "max", "2d", "3d"), "smoothing": ("gaussian", "box")}
+    scoring_options = {"aggregation": ("product", "sum", "max", "2d", "3d"), "smoothing": ("gaussian", "box"),
+                       "image_score": ("max", "top100")}
     fp16_stages = ("2d", "3d", "mappers")  # grouping (FPS, KNN), alignment and scoring stay fp32
     demos = tuple(Demo(name=f"cfm-{v}", train_args=["--variant", v, *_DEMO_ARGS], default=(v == "tiny"))
                   for v in ("tiny", "small", "medium", "full"))

@@ -59,6 +59,7 @@ from edge_runtime.nets.vit import ViTExtractor
 POINT_MAE_WIDTH = 384  # channels of one Point-MAE block output
 AGGREGATIONS = ("product", "sum", "max", "2d", "3d")
 SMOOTHINGS = ("gaussian", "box")
+IMAGE_SCORES = ("max", "top100")  # the map's maximum (the paper), or the mean of its 100 highest pixels
 STAGES = ("2d", "group", "3d", "align", "mappers", "score")  # names passed to the stage context
 INTERP_EPS = 1e-8  # m^2, released code's 1 / (d^2 + 1e-8)
 INTERP_CHUNK = 8192  # points per block in the 3-NN interpolation (bounds temporary memory)
@@ -145,6 +146,7 @@ class CFMConfig:
     smoothing: str = "gaussian"
     sigma: float = 4.0
     aggregation: str = "product"
+    image_score: str = "max"
     extractor_2d: str = "dino-vitb8"
     blocks_2d: tuple[int, ...] = ()
     extractor_3d: str = "pointmae"
@@ -192,6 +194,8 @@ class CFMConfig:
             problems.append(f"sigma must be > 0, got {self.sigma}")
         if self.aggregation not in AGGREGATIONS:
             problems.append(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.image_score not in IMAGE_SCORES:
+            problems.append(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
         if problems:
             raise ValueError("invalid CFM config: " + "; ".join(problems))
 
@@ -476,9 +480,11 @@ class CFMModel(nn.Module):
         self.backbone_3d.eval()
         return self
 
-    def set_scoring(self, aggregation: str | None = None, smoothing: str | None = None) -> None:
-        """Change how maps are combined / smoothed (no effect on weights)."""
-        changes = {k: v for k, v in (("aggregation", aggregation), ("smoothing", smoothing)) if v}
+    def set_scoring(self, aggregation: str | None = None, smoothing: str | None = None,
+                    image_score: str | None = None) -> None:
+        """Change how maps are combined / smoothed / reduced to the image score (no effect on weights)."""
+        changes = {k: v for k, v in (("aggregation", aggregation), ("smoothing", smoothing),
+                                     ("image_score", image_score)) if v}
         self.cfg = self.cfg.with_overrides(**changes)
 
     # -- stages ------------------------------------------------------------------------
@@ -617,7 +623,10 @@ class CFMModel(nn.Module):
         else:
             amap = maps[0] if agg == "2d" else maps[1]
         amap = smooth(amap, self.cfg)
-        return amap.flatten(1).amax(dim=1), amap
+        flat = amap.flatten(1)
+        if self.cfg.image_score == "top100":
+            return flat.topk(min(100, flat.shape[1]), dim=1).values.mean(dim=1), amap
+        return flat.amax(dim=1), amap
 
     def forward(self, rgb: torch.Tensor, xyz: torch.Tensor, stage: StageContext = _no_stage
                 ) -> tuple[torch.Tensor, torch.Tensor]:
