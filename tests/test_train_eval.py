@@ -12,7 +12,9 @@ from train import cli, eval_cli
 from train.cfm_trainer import TrainSettings, train_mappers
 from train.cfm_features import FeatureCache, pixel_cap
 
-TINY = ["--variant", "tiny", "--resolution", "64"]  # the offline default extractors: Lite0 + FPFH
+# the offline default extractors (Lite0 + FPFH); at 64 px the FPFH grids are halved with the
+# resolution (histograms on 32 x 32, normals on 64 x 64), as the default's 56 / 112 are at 224
+TINY = ["--variant", "tiny", "--resolution", "64", "--fpfh-stride", "2", "--fpfh-normal-stride", "1"]
 RANDOM = ["--backbone-2d", "dino-vitb8:random", "--backbone-3d", "pointmae:random", "--num-groups", "32",
           "--group-size", "16"]
 
@@ -67,7 +69,7 @@ def test_eval_report_separates_defects(trained):
     assert speed["ms_per_frame"]["p95"] >= speed["ms_per_frame"]["p50"] > 0 and speed["fps"] > 0
     assert {"preprocess", "2d", "3d", "align", "mappers", "score"} <= set(speed["stages_ms"])
     assert speed["frames"] == 10 and speed["backend"] == "torch-cpu-fp32"
-    assert report["scoring"] == {"aggregation": "product", "smoothing": "gaussian"}
+    assert report["scoring"] == {"aggregation": "product", "smoothing": "gaussian", "image_score": "max"}
     assert report["bundle"]["hash"] == bundle_hash(bundle)
 
 
@@ -77,7 +79,7 @@ def test_eval_aggregation_ablation(trained, tmp_path):
     assert eval_cli.main(["--model", str(bundle), "--data", str(data), "--category", "widget", "--json", str(out),
                           "--option", "aggregation=2d", "--option", "smoothing=box", "--limit", "5", "--quiet"]) == 0
     ablated = json.loads(out.read_text())
-    assert ablated["scoring"] == {"aggregation": "2d", "smoothing": "box"}
+    assert ablated["scoring"] == {"aggregation": "2d", "smoothing": "box", "image_score": "max"}
     assert ablated["n_good"] + ablated["n_defect"] == 5
 
 
