@@ -267,6 +267,24 @@ def report(runs_dir: Path, out: Path) -> None:
             lines.append(f"| {r['category']} | {r['modality']} | {r['recipe']} | {r['texture']} | {r['epochs']} | "
                          + " | ".join(_f(pt.get(t)) for t in TYPES) + " |")
         lines.append("")
+    by: dict[tuple, dict] = {}
+    for r in syn:
+        by.setdefault((r["category"], r["modality"], r["recipe"], r["epochs"]), {})[r["texture"]] = r
+    pairs = {k: v for k, v in by.items() if len(v) > 1}
+    if pairs:
+        lines += ["### Texture source for the simulated defects", "",
+                  "No natural-image texture set is available offline. `procedural` = fractal noise / stripes / "
+                  "checkerboards in random colours; `self` = augmented crops of the category's own good training "
+                  "images; `mixed` = either, 50 / 50 (the default). Same runs as in the table above.", "",
+                  "| category | modality | recipe | epochs | texture | I-AUROC MS | I-AUROC SS | P-AUROC MS | "
+                  "final focal loss | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (cat, mod, rec, ep), v in sorted(pairs.items()):
+            for t, r in sorted(v.items()):
+                m, s_ = r["multiscale"], r["single"]
+                focal = r["losses"].get("focal", [None])[-1] if r.get("losses") else None
+                lines.append(f"| {cat} | {mod} | {rec} | {ep} | {t} | {_f(m['i_auroc'])} | {_f(s_['i_auroc'])} | "
+                             f"{_f(m['p_auroc'])} | {'-' if focal is None else f'{focal:.4f}'} | `{_cmd(r)}` |")
+        lines.append("")
     drop = [r for r in runs if "random_dropout" in r]
     if drop:
         lines += ["### Test-time dropout", "",
@@ -314,6 +332,7 @@ def picture(data_root: Path, out: Path, category: str = "cookie", n: int = 6, re
     from edge_runtime.methods.dbrn.simulate import SimParams, simulate
 
     ds = MVTec3D(data_root)
+    sim = SimParams(**settings_for("cpu").sim)  # the cpu profile's simulation
     cfg = config_for("cpu", "rgb+3d", {"resolution": resolution})
     data = prepare_data([r.load() for r in ds.index(category, "train")[:8]], cfg)
     tiles = []
@@ -321,7 +340,7 @@ def picture(data_root: Path, out: Path, category: str = "cookie", n: int = 6, re
     for i in range(n):
         rng = np.random.default_rng([7, i])
         j = i % len(data)
-        s = simulate(data.rgb[j], data.depth[j], data.fg[j], rng, SimParams(), data.pool)
+        s = simulate(data.rgb[j], data.depth[j], data.fg[j], rng, sim, data.pool)
         rgb = (s["rgb"].transpose(1, 2, 0) * 255).astype(np.uint8)[..., ::-1]
         dep = cv2.applyColorMap((s["depth"][0] * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
         msk = cv2.cvtColor((s["mask"] * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)

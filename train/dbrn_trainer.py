@@ -21,9 +21,8 @@ cores) and ``paper`` (224 px, Swin-Unet width 96, heads 3/6/12/24, window 7; a G
 station). The ``cpu`` profile also changes the simulation and the loss (measured in
 docs/results.md, DBRN): smaller Perlin blobs (2^2..2^5 cells), defects of random strength
 (RGB 0.2..1, depth 0.1..1 of the full blend), focal class weights 0.05 / 0.95 (normal /
-anomaly; a simulated defect covers ~1 % of the pixels, and with 0.25 / 0.75 the
-discriminator drifts towards a constant "this is the part" probability), and the raw
-maximum of the map as the image score. The paper's learning-rate values did not survive in the text we have; we use
+anomaly; a simulated defect covers ~1 % of the pixels), and the raw maximum of the map
+as the image score. The paper's learning-rate values did not survive in the text we have; we use
 1e-4 (reconstructors and discriminator, as DRAEM) and 10x that for the ISM on ``paper``,
 and 10x larger rates on the short ``cpu`` schedule.
 """
