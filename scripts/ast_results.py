@@ -42,7 +42,9 @@ PAPER_TIRE = (  # image AUROC on MVTec 3D-AD tire, the papers' own numbers
 
 # name -> (trainer overrides, settings overrides): the tire variants tried
 TIRE_RUNS: dict[str, dict] = {
-    "cpu": {},
+    "cpu": {},  # the cpu profile: Lite0 block 10 at 384 px, width 256, 20 + 20 epochs
+    "reduced": {"epochs": 10, "overrides": {"student_width": 128}},
+    "reduced-b14-768": {"epochs": 10, "overrides": {"student_width": 128, "out_blocks": (14,), "image_size": 768}},
 }
 
 
@@ -124,7 +126,7 @@ def section_synth(args) -> list[str]:
         f"`edge-synth --size {args.synth_size} --categories {' '.join(args.categories)} --train {args.synth_train} "
         "--val 20 --test-good 20 --test-defect 6` (the data of CFM's offline table, seed 0): per category 20 good "
         "and 30 defective test parts (6 per type: color = RGB only, dent / bump = 3D only, crack / hole = both). "
-        f"cpu profile, {args.synth_epochs} epochs teacher + {args.synth_epochs} student (the profile: 40 + 40). "
+        f"cpu profile, {args.synth_epochs} epochs teacher + {args.synth_epochs} student (the profile: 20 + 20). "
         "Image score max (default) and mean. CFM: cfm-tiny (offline Lite0 + FPFH), same data, from "
         "results_offline (it reports I-AUROC per category and P-AUROC / AUPRO@30% as the two-category mean).",
         "",
@@ -254,7 +256,7 @@ def section_bench(args) -> list[str]:
         "## AST: CPU time per frame by stage",
         "",
         f"Median of {args.bench_frames} frames after one warm-up, batch 1, torch {torch.__version__}, "
-        f"{args.bench_threads} threads, on the shared 2-core CPU (load average {load:.1f} from other jobs while "
+        f"{args.bench_threads} torch thread(s), on a 2-core CPU shared with other jobs (load average {load:.1f} from other jobs while "
         "measuring: expect noise). A synthetic 800 x 600 frame (RGB + point cloud); random weights (timing only; "
         "the paper profile's B5 is built without its file). `preprocess` is the numpy stage (resize, normalise, "
         "AST depth), the others are the model's stages.",
@@ -268,7 +270,8 @@ def section_bench(args) -> list[str]:
         lines.append(f"| {profile} | {modality} | {ext} | {cfg.student_width} ({params:.1f}) | "
                      + " | ".join(f"{med.get(k, 0.0):.1f}" for k in ("preprocess", "extract", "teacher", "student", "score"))
                      + f" | {total:.1f} |")
-    lines += ["", f"Command: `python scripts/ast_results.py --sections bench --bench-threads {args.bench_threads}` "
+    lines += ["", f"Command: `python scripts/ast_results.py --sections bench --bench-threads {args.bench_threads} "
+                  f"--bench-frames {args.bench_frames}` "
                   "(writes docs/_parts/benchmarks_ast.md)."]
     return lines
 
