@@ -373,6 +373,8 @@ def explore(argv) -> int:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="run")
+    ap.add_argument("--train-colour-fg", action="store_true",
+                    help="mask the teacher and student losses with the colour foreground of the training images")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     d = torch.load(_tire_cache(a.work, a.tire, a.size), weights_only=False)
@@ -398,6 +400,10 @@ def explore(argv) -> int:
     torch.manual_seed(0)
     teacher, student = ASTTeacher(cfg), ASTStudent(cfg)
     fg = torch.ones(xtr.shape[0], grid, grid)  # RGB only: every cell counts
+    if a.train_colour_fg:  # the paper's loss masking, with the colour foreground instead of depth
+        fg = torch.from_numpy(np.stack([colour_foreground(r.load().rgb, grid)
+                                        for r in MVTec3D(a.tire).index("tire", "train")])).float()
+        print(f"training foreground: {float(fg.mean()):.2f} of the cells", flush=True)
     gen = torch.Generator().manual_seed(0)
 
     def loop(mod, lossf, data, epochs, lr, desc, cb=None):
