@@ -204,7 +204,8 @@ def _cmd(r: dict) -> str:
     src = "--tire /work/shared/data/mvtec3d-tire-rgb/tire" if r["category"] == "tire" else "--data /tmp/dbrn_synth2"
     rec = "" if r.get("recipe", "cpu") == "cpu" else f" --recipe {r['recipe']}"
     saved = f" --saved {r['job']}={r['saved']}" if r.get("saved") else ""
-    return f"python scripts/dbrn_results.py {src}{rec} --jobs {r['job']} --epochs {r['epochs']}{saved}"
+    passes = f" --dropout-passes {r['random_dropout']['passes']}" if "random_dropout" in r else ""
+    return f"python scripts/dbrn_results.py {src}{rec} --jobs {r['job']} --epochs {r['epochs']}{saved}{passes}"
 
 
 def report(runs_dir: Path, out: Path) -> None:
@@ -288,14 +289,19 @@ def report(runs_dir: Path, out: Path) -> None:
     drop = [r for r in runs if "random_dropout" in r]
     if drop:
         lines += ["### Test-time dropout", "",
+                  "The paper keeps the skip dropout (0.6 / 0.4 / 0.2) active at test time. With fresh masks per "
+                  "call (`random`) the same frame scores differently on every pass; the default `fixed` mode "
+                  "draws one seeded mask per skip at construction and stores it with the weights (deterministic, "
+                  "one exportable graph); `off` disables it.", "",
                   "| run | fixed I-AUROC | random: I-AUROC over passes | random: mean score std per image | "
-                  "random: mean of passes I-AUROC | off I-AUROC |", "|---|---|---|---|---|---|"]
+                  "random: mean of passes I-AUROC | off I-AUROC | command |", "|---|---|---|---|---|---|---|"]
         for r in drop:
             d = r["random_dropout"]
-            lines.append(f"| {r['category']} {r['modality']} | {_f(r['multiscale']['i_auroc'])} | "
+            lines.append(f"| {r['category']} {r['modality']} ({r['recipe']}, {r['epochs']} epochs) | "
+                         f"{_f(r['multiscale']['i_auroc'])} | "
                          f"{min(d['i_auroc']):.3f} .. {max(d['i_auroc']):.3f} ({d['passes']} passes) | "
                          f"{d['score_std_mean']:.4f} | {_f(d['i_auroc_of_mean'])} | "
-                         f"{_f(r['dropout_off']['i_auroc'])} |")
+                         f"{_f(r['dropout_off']['i_auroc'])} | `{_cmd(r)}` |")
         lines.append("")
     tire = [r for r in runs if r["category"] == "tire"]
     if tire:
