@@ -21,7 +21,8 @@ class DBRNMethod(Method):
     modalities = ("rgb", "3d", "rgb+3d")
     variants = ()
     scoring_options = {"multiscale": ("on", "off"), "test_dropout": ("fixed", "random", "off")}
-    demos = (Demo("dbrn-tiny", ["--profile", "cpu"], categories=("cookie",)),)
+    # 8 of the demo set's training parts: a from-scratch training must stay a few minutes
+    demos = (Demo("dbrn-tiny", ["--profile", "cpu", "--shots", "8"], categories=("cookie",)),)
 
     def config_from_dict(self, d: dict) -> DBRNConfig:
         return DBRNConfig.from_dict(d)
