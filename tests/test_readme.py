@@ -56,6 +56,10 @@ def test_readme_round_trip_runs_as_written(tmp_path):
             args += ["--categories", "puck"]  # one category is enough for the round trip in CI
         if args[0] == "edge-run" and "--frames" not in args:
             args += ["--frames", SMALL["--frames"]]
+        if args[0] == "edge-run" and "--alerts" not in args:
+            # OS-chosen ports: the README's default 5556 / 5557 would clash with any other
+            # station (or a second test run) on this machine; the ports are not under test
+            args += ["--alerts", "tcp://127.0.0.1:*", "--replay-endpoint", "tcp://127.0.0.1:*"]
         run = subprocess.run([exe, *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=600, stdin=subprocess.DEVNULL)
         assert run.returncode == 0, f"README command failed: {command}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
