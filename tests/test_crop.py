@@ -47,3 +47,20 @@ def test_the_crop_gives_the_part_the_whole_grid_and_its_geometry_follows_it():
     assert gt.sum() > gt_to_map(sample.gt, (64, 64), whole.geometry).sum()
     with pytest.raises(ValueError, match="crop needs clean"):
         cfm_preprocess(sample.rgb, sample.xyz, 64, clean=False, crop=0.1)
+
+
+def test_a_low_rimmed_part_keeps_its_rim_with_a_small_plane_margin():
+    """The released 5 mm plane margin cuts away the cookie's low rim (a dome 6-7.5 mm high):
+    half its surface, defects there unseen. 1 mm keeps the part and still drops the table."""
+    layers = SynthStation(size=128, seed=0).render_layers("cookie", 0, "test")
+    s = layers.sample
+    on_part = {}
+    for plane_m in (0.005, 0.001):
+        out = cfm_preprocess(s.rgb, s.xyz, 64, plane_m=plane_m)
+        valid = (out["xyz"] != 0).any(-1)
+        part = sample_on_grid(layers.object_mask, valid.shape, out.geometry)
+        on_part[plane_m] = valid[part].mean()
+        assert valid[~part].mean() < 0.01  # the table never comes back
+    assert on_part[0.005] < 0.75 and on_part[0.001] > 0.9
+    with pytest.raises(ValueError, match="plane_m"):
+        cfm_preprocess(s.rgb, s.xyz, 64, plane_m=0.0)

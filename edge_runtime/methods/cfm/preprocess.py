@@ -28,6 +28,7 @@ from edge_runtime.errors import DataError
 from edge_runtime.geometry import MapGeometry
 
 PAD_MULTIPLE = 100  # the released code pads to a square side rounded up to a multiple of 100
+PAPER_PLANE_M = 0.005  # the released code removes every point within 5 mm of the table plane
 
 
 def cfm_clean_cloud(
@@ -106,6 +107,7 @@ def cfm_preprocess(
     seed: int = 0,
     max_gap_m: float | None = 0.006,
     crop: float | None = None,
+    plane_m: float = PAPER_PLANE_M,
 ) -> ModelInputs:
     """CFM model input for one frame: the runtime's "depth preprocessing" stage and training.
 
@@ -125,6 +127,10 @@ def cfm_preprocess(
     model sees a square around the part (the cleaned points' bounding box, grown by
     ``crop`` x its side on each side), so a part that fills a small share of the camera's
     view still gets the whole R x R grid; the geometry then follows the part.
+    ``plane_m``: points closer than this to the fitted table plane are removed (metres;
+    the released code: 5 mm, tuned to MVTec 3D-AD's parts). A part whose rim is lower
+    than that (a dome, a tube, a flat tray) loses its rim: its defects there are never
+    seen. Bundles record the value they were trained with (``preprocessing.plane_m``).
     Source: CFM released ``preprocess_mvtec.py`` + ``dataset.py``. Raises DataError (no
     path: the caller adds the file / frame id) on malformed input or when no valid 3D
     point is left.
@@ -141,8 +147,10 @@ def cfm_preprocess(
         )
     if crop is not None and (not clean or crop < 0):
         raise ValueError(f"crop needs clean=True and a margin >= 0, got crop={crop!r}, clean={clean!r}")
+    if not plane_m > 0:
+        raise ValueError(f"plane_m must be > 0 metres, got {plane_m!r}")
     if clean:
-        xyz = remove_background_plane(xyz, seed=seed)
+        xyz = remove_background_plane(xyz, seed=seed, remove_m=plane_m)
     geometry = MapGeometry.square_pad(xyz.shape, PAD_MULTIPLE)
     xyz_r = resize_organized(square_pad(xyz, mode="constant"), resolution).astype(np.float32, copy=False)
     if clean:
