@@ -17,7 +17,10 @@ runtime does), so the metrics are the deployed model's. The JSON is the evaluati
   ``modality``, ``bundle``: path, hash, extractors.
 
 Ground truth is placed on the map grid through the method's geometry
-(``edge_runtime.geometry``: the same padding and resize as its preprocessing).
+(``edge_runtime.geometry``: the same padding and resize as its preprocessing). A bundle
+whose preprocessing crops each frame around the part (per-frame geometry) has its maps
+brought back onto the image and sampled on the method's whole-frame grid first, so pixel
+metrics of cropped and whole-frame bundles count the same pixels.
 Exit status: 0 done, 2 bad arguments / bundle / data, 1 a failure while evaluating.
 """
 
@@ -37,7 +40,7 @@ from edge_runtime.backends import CHOICES, load_detector
 from edge_runtime.bundle import bundle_hash, read_manifest
 from edge_runtime.data.mvtec import MVTec3D
 from edge_runtime.errors import DataError, EdgeError
-from edge_runtime.geometry import gt_to_map, sample_on_grid
+from edge_runtime.geometry import gt_to_map, map_to_image, sample_on_grid
 from edge_runtime.outputs import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, add_json_flag
 from edge_runtime.pipeline.store import resolve_model
 from edge_runtime.report import write_report
@@ -111,9 +114,14 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
         scores.append(result.score)
         labels.append(sample.label)
         types.append(sample.defect_type)
-        maps.append(result.amap)
-        geometry = getattr(inputs, "geometry", None) or method.geometry(sample.rgb.shape, manifest)
-        gts.append(gt_to_map(sample.gt, result.amap.shape, geometry))
+        frame_geometry = method.geometry(sample.rgb.shape, manifest)
+        geometry = getattr(inputs, "geometry", None) or frame_geometry
+        amap = result.amap
+        if geometry != frame_geometry:  # a per-frame crop: scored on the whole frame's grid like any bundle
+            amap = sample_on_grid(map_to_image(amap, sample.rgb.shape, geometry), amap.shape, frame_geometry)
+            geometry = frame_geometry
+        maps.append(amap)
+        gts.append(gt_to_map(sample.gt, amap.shape, geometry))
         if args.plots is not None:
             images.append(sample_on_grid(sample.rgb, result.amap.shape, geometry))
     mean_ms = float(np.mean(frame_ms))
