@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,3 +340,26 @@ def test_curve_clients_flag_lets_only_listed_gateways_subscribe(tmp_path):
     assert "loss accounting: captured 6" in out
     decisions = [m for m in got["allowed"] if not m[0].endswith(b".HEARTBEAT")]
     assert len(decisions) == 6 and got["stranger"] == []  # subscribed before the start: every record
+
+
+def test_an_outdated_demo_bundle_is_rebuilt_and_a_users_own_bundle_is_not(model_store, monkeypatch):
+    calls = []
+    monkeypatch.setattr(store, "_run_tool", _fake_tool(calls))
+    monkeypatch.setattr("edge_runtime.data.synth.generate_dataset", lambda out, **kw: Path(out).mkdir(parents=True))
+    path = store.resolve_model("cfm-tiny", log=lambda s: None)
+    recipe = store.bundle_info(path)["demo"]["recipe"]
+    assert recipe == store.demo_recipe(*store.demo_models()["cfm-tiny"]) and len(calls) == 2
+    monkeypatch.setattr(store, "DEMO_RECIPE_VERSION", store.DEMO_RECIPE_VERSION + 1)  # a default changed
+    logs = []
+    assert store.resolve_model("cfm-tiny", log=logs.append) == path and len(calls) == 4
+    assert any("outdated demo" in line for line in logs)
+    assert store.bundle_info(path)["demo"]["recipe"] != recipe
+    assert sorted(p.name for p in model_store.iterdir() if p.name.startswith(".old-")) == []
+    assert store.resolve_model("cfm-tiny") == path and len(calls) == 4  # current again: reused
+    # a bundle of the user's own under a demo's name (no demo entry) is served as it is
+    own = model_store / "cfm-small"
+    shutil.copytree(path, own)
+    from edge_runtime.bundle import update_manifest
+
+    update_manifest(own, demo=None)
+    assert store.resolve_model("cfm-small") == own and len(calls) == 4

