@@ -133,6 +133,7 @@ def test_failed_demo_build_leaves_nothing_half_built(model_store, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--workers", "0"], "--workers must be >= 1"),
     (["--frames", "0"], "--frames must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 0"),
     (["--fps", "-3"], "--fps must be > 0"),
     (["--station", "line.1"], "station id"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),

@@ -582,3 +582,11 @@ def test_run_stats_count_decisions_against_the_known_truth_of_test_parts():
     assert snap["truth"]["defective"]["NOT_OK"] == 1 and snap["truth"]["defective"]["OK"] == 1
     text = format_summary(snap)
     assert "defects found 1/2 (50 %), good parts rejected 1/2 (50 %)" in text
+
+
+def test_inference_workers_leave_one_core_to_the_other_stages():
+    from edge_runtime.pipeline.loops import default_threads
+
+    assert default_threads(1, cores=2) == 1  # 2 cores: the preprocess stage keeps one
+    assert default_threads(1, cores=16) == 15 and default_threads(2, cores=16) == 7
+    assert default_threads(4, cores=2) == 1 and default_threads(1, cores=1) == 1

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="inference worker processes (default %(default)s)")
     run.add_argument("--batch", type=int, default=1, help="frames per inference call (infer_batch; GPU). "
                                                          "Default %(default)s")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads per inference worker (default 0: (cores - 1) // workers, at least 1; "
+                          "one core is left to the capture, preprocess and alert stages)")
     run.add_argument("--queue", type=int, default=2, help="capture queue depth in frames (default %(default)s)")
     run.add_argument("--link", choices=["ipc", "tcp"], default="ipc", help="internal stage links (default ipc)")
     run.add_argument("--cycle-time", type=float, metavar="S",
@@ -198,7 +201,7 @@ def make_config(args, bundle: Path, info: dict):
     return RunConfig(
         bundle=str(bundle), backend=args.backend, device=args.device, source=args.source,
         category=_category(args, info), fps=args.fps, frames=args.frames, workers=args.workers, batch=args.batch,
-        queue=args.queue, station=args.station, alerts=args.alerts,
+        threads=args.threads, queue=args.queue, station=args.station, alerts=args.alerts,
         replay=None if args.replay_endpoint == "none" else args.replay_endpoint,
         journal=args.journal or str(runtime_home() / "journal" / f"{args.station}.sqlite"),
         heartbeat_s=args.heartbeat, heatmaps=args.heatmaps, allow_remote=args.allow_remote,
@@ -220,6 +223,8 @@ def _check(args) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: automatic), got {args.threads}")
     for flag, value in (("--fps", args.fps), ("--cycle-time", args.cycle_time),
                         ("--frame-deadline", args.frame_deadline)):
         if value is not None and not value > 0:

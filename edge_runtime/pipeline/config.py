@@ -44,7 +44,7 @@ class RunConfig:
         (bounded by ``startup_timeout_s``; 0 = do not wait).
     link: "ipc" or "tcp" for the internal stage links. max_frame_bytes: cap on one frame.
     max_image_side / max_image_pixels / max_aspect: image size limits (``io.ImageLimits``).
-    threads: torch threads per inference worker (0: cpu_count // workers, at least 1).
+    threads: torch threads per inference worker (0: ``default_threads``).
     synth_size / synth_seed / defect_rate / synth_pool: the synthetic station's frames
         (``synth_pool`` frames rendered once and cycled; 0 renders live).
     drain_timeout_s: bounded wait for in-flight frames at shutdown.

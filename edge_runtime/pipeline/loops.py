@@ -333,13 +333,23 @@ def preprocess_loop(io: StageIO, cfg: RunConfig) -> None:
 # infer
 
 
+def default_threads(workers: int, cores: int | None = None) -> int:
+    """Torch threads per inference worker when none are asked for: (cores - 1) // workers,
+    at least 1. One core stays with the capture, preprocess and alert processes: torch's
+    OpenMP threads wait for each other at every operator, so a worker whose threads share
+    every core with busy stages stalls (measured on 2 cores under load: 2 threads 2.5 s per
+    cfm-tiny frame, 1 thread 0.15 s; docs/benchmarks.md)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, (cores - 1) // max(1, workers))
+
+
 def infer_loop(io: StageIO, cfg: RunConfig) -> None:
     """Take up to ``batch`` frames from the preprocess stage, run the model, decide, send on."""
     from edge_runtime.geometry import regions_from_map
 
     det = load_detector(cfg)
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers))
+        sys.modules["torch"].set_num_threads(cfg.threads or default_threads(cfg.workers))
     link = io.socket(zmq.DEALER, connect=io.links.pre, identity=io.name.encode(), max_msg=2 * cfg.max_frame_bytes)
     sink = io.socket(zmq.PUSH, connect=io.links.sink)
     thresholds = det.manifest.get("thresholds")
