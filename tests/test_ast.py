@@ -206,7 +206,7 @@ def test_dense_parts_have_the_declared_shapes():
         assert list(out.shape) == part.output[1], part.path
 
 
-def test_scoring_option_mean_vs_max():
+def test_scoring_options_max_mean_top3():
     cfg = tiny_cfg("3d")
     model = AST.build_model(cfg).eval()
     dist = torch.tensor([[[0.0, 1.0], [3.0, 0.0]]])
@@ -214,7 +214,12 @@ def test_scoring_option_mean_vs_max():
     s_max, _ = model.score(dist, fg)
     AST.apply_options(model, {"image_score": "mean"})
     s_mean, _ = model.score(dist, fg)
+    AST.apply_options(model, {"image_score": "top3"})
+    s_top3, _ = model.score(dist, fg)
     assert s_max.item() == pytest.approx(1.0) and s_mean.item() == pytest.approx(1.0 / 3)
+    assert s_top3.item() == pytest.approx(1.0 / 3)  # 1, 0, 0 of the three counted cells; the 3.0 is background
+    big = torch.arange(16.0).reshape(1, 4, 4)
+    assert model.score(big, torch.ones(1, 4, 4))[0].item() == pytest.approx((15 + 14 + 13) / 3)
     with pytest.raises(ValueError):
         AST.apply_options(model, {"image_score": "median"})
 
@@ -284,3 +289,112 @@ def test_edge_train_entry_point_writes_a_checkpoint_and_resumes(make_mvtec, tmp_
     args.resume = ckpt
     again = ast_trainer.train(args, common)
     assert again.fields["training"]["n_images"] == 4
+
+
+# ----------------------------------------------------------------------------- RGB-only options
+
+
+def _part_on_background(h=80, w=60, box=(20, 30, 45, 60), seed=0, value=200):
+    """a noisy dark-blue background (as the tire station's) with a bright rectangle (x0, y0, x1, y1)."""
+    rng = np.random.default_rng(seed)
+    rgb = np.clip(rng.normal((16, 18, 24), 5, (h, w, 3)), 0, 255).astype(np.uint8)
+    x0, y0, x1, y1 = box
+    rgb[y0:y1, x0:x1] = value
+    return rgb
+
+
+def test_colour_foreground_finds_the_part_and_border_cells_never_count():
+    from edge_runtime.methods.ast.preprocess import colour_foreground
+
+    rgb = _part_on_background(h=96, w=96, box=(36, 36, 60, 60))
+    fg = colour_foreground(rgb, 8, dilate=1)
+    assert fg[3:5, 3:5].min() == 1.0  # cells fully inside the part
+    assert fg[0].max() == 0.0 and fg[:, 0].max() == 0.0 and fg[7].max() == 0.0  # background
+    plain = np.clip(np.random.default_rng(1).normal(20, 5, (96, 96, 3)), 0, 255).astype(np.uint8)
+    assert np.array_equal(colour_foreground(plain, 8), np.ones((8, 8), np.float32))  # nothing found: every cell
+    cfg = tiny_cfg("rgb")
+    params = preprocessing_params(cfg, (0.5,) * 3, (0.25,) * 3, rgb_foreground=True, border=1)
+    assert params["rgb_foreground"]["threshold"] == 6.0 and params["border"] == 1
+    out = make_preprocessor(params)(rgb, None)
+    assert out["fg"].shape == (4, 4) and out["fg"][0].max() == 0 and out["fg"][:, 3].max() == 0  # the outer ring
+    assert out["fg"][1:3, 1:3].min() > 0  # the part's cells count
+    with pytest.raises(ValueError, match="RGB-only"):
+        preprocessing_params(tiny_cfg("rgb+3d"), (0.5,) * 3, (0.25,) * 3, rgb_foreground=True)
+    with pytest.raises(ValueError, match="border"):
+        preprocessing_params(cfg, (0.5,) * 3, (0.25,) * 3, border=2)
+
+
+def test_roi_crops_the_frame_and_the_geometry_follows():
+    from edge_runtime.geometry import gt_to_map
+    from edge_runtime.methods.ast.preprocess import foreground_roi, image_input, roi_box
+
+    rgbs = [_part_on_background(box=(20 + s, 30, 45 + s, 60), seed=s) for s in (0, 4)]
+    roi = foreground_roi(rgbs, margin=0.0)
+    x0, y0, x1, y1 = roi_box(rgbs[0].shape, roi)
+    # the union of both parts, within the blur of the 192 px colour map (~2 image px)
+    assert abs(x0 - 20) <= 2 and abs(x1 - 49) <= 2 and abs(y0 - 30) <= 2 and abs(y1 - 60) <= 2
+    cfg = tiny_cfg("rgb")
+    params = preprocessing_params(cfg, (0.5,) * 3, (0.25,) * 3, roi=roi)
+    out = make_preprocessor(params)(rgbs[0], None)
+    assert np.allclose(out["image"], image_input(rgbs[0][y0:y1, x0:x1], 64, (0.5,) * 3, (0.25,) * 3))
+    manifest = {"preprocessing": params}
+    geo = AST.geometry(rgbs[0].shape, manifest)
+    assert (geo.canvas_h, geo.canvas_w, geo.top, geo.left) == (y1 - y0, x1 - x0, -y0, -x0)
+    gt = np.zeros(rgbs[0].shape[:2], np.uint8)
+    gt[y0:y0 + (y1 - y0) // 2, x0:x1] = 1  # the upper half of the box
+    on_map = gt_to_map(gt, (4, 4), geo)
+    assert on_map[:2].all() and not on_map[2:].any()
+    assert AST.geometry(rgbs[0].shape, {"preprocessing": {}}) == geo.identity(rgbs[0].shape)
+    with pytest.raises(ValueError, match="roi"):
+        preprocessing_params(cfg, (0.5,) * 3, (0.25,) * 3, roi=[0.5, 0.0, 0.4, 1.0])
+
+
+@needs_lite0
+def test_rgb_options_train_evaluate_and_travel_in_the_bundle(make_mvtec, tmp_path):
+    from edge_runtime.bundle import build_model, load_bundle, save_bundle
+    from train.ast_trainer import TrainSettings, evaluate, fit
+
+    root = make_mvtec(tmp_path / "d", n_train=6, n_test_good=2, defects=(("stain", 2),), with_xyz=False)
+    data = MVTec3D(root)
+    cfg = tiny_cfg("rgb")
+    model, fields = fit(cfg, data.index("widget", "train"), TrainSettings(epochs=2, batch_size=4),
+                        backbone_spec="efficientnet-lite0", progress=False, roi="auto", rgb_foreground=True,
+                        border=1)
+    pre = fields["preprocessing"]
+    assert len(pre["roi"]) == 4 and pre["roi"][0] < pre["roi"][2] and "rgb_foreground" in pre and pre["border"] == 1
+    ev = evaluate(model, pre, data.index("widget", "test"))
+    assert np.isfinite(ev["scores"]).all() and ev["maps"].shape == (4, 16, 16)
+    bundle_dir = save_bundle(tmp_path / "b", "ast", cfg.to_dict(), model, fields)
+    loaded = load_bundle(bundle_dir)
+    assert loaded.manifest["preprocessing"]["roi"] == pre["roi"]
+    ev2 = evaluate(build_model(loaded), loaded.manifest["preprocessing"], data.index("widget", "test"))
+    assert np.allclose(ev["scores"], ev2["scores"], rtol=1e-5, atol=1e-7)
+
+
+def test_rgb_options_come_from_the_profile_or_the_flags():
+    from edge_runtime.methods.ast.config import PROFILES, profile_settings
+    from train import ast_trainer
+
+    parser = argparse.ArgumentParser()
+    ast_trainer.add_arguments(parser.add_argument_group("ast"))
+
+    def opts(argv, modality="rgb"):
+        args = parser.parse_args(argv)
+        args.__dict__.update(modality=modality, profile="cpu", seed=0)
+        cfg, _, prof = ast_trainer.config_from_args(args)
+        return cfg, ast_trainer.rgb_options_from_args(args, prof, cfg)
+
+    cfg, o = opts([])  # the cpu profile's rgb entry
+    assert (cfg.out_blocks, cfg.image_size, cfg.image_score) == ((14,), 768, "top3")
+    assert o == {"roi": "auto", "rgb_foreground": False, "border": 1}
+    assert profile_settings("cpu", "rgb")["student_epochs"] == PROFILES["cpu"]["rgb"]["student_epochs"]
+    cfg, o = opts(["--roi", "none", "--border-cells", "0", "--rgb-foreground", "colour", "--image-score", "max"])
+    assert o == {"roi": None, "rgb_foreground": True, "border": 0} and cfg.image_score == "max"
+    assert opts(["--roi", "0.1", "0.2", "0.9", "0.8"])[1]["roi"] == [0.1, 0.2, 0.9, 0.8]
+    cfg, o = opts([], modality="rgb+3d")  # the modes with depth keep the paper's frame and the profile's fields
+    assert o == {"roi": None, "rgb_foreground": False, "border": 0} and cfg.out_blocks == (10,)
+    assert profile_settings("cpu", "rgb+3d") == {"epochs": 20, "student_epochs": None, "batch_size": 8, "options": {}}
+    with pytest.raises(ValueError, match="rgb only"):
+        opts(["--border-cells", "1"], modality="rgb+3d")
+    with pytest.raises(ValueError, match="--roi"):
+        opts(["--roi", "0.1", "0.2"])

@@ -13,7 +13,11 @@ No augmentation (as the paper on MVTec 3D-AD).
 Profiles (``--profile``): ``paper`` (B5 block 35 at 768 px from a user file, student
 width 1024, 72 epochs: a GPU station's setting) and ``cpu`` (EfficientNet-Lite0 block 10
 at 384 px, student width 256, 20 + 20 epochs: a category of ~100 images in under 15 minutes
-on two CPU cores).
+on two CPU cores). For ``--modality rgb`` the cpu profile uses its "rgb" entry instead
+(Lite0 block 14 at 768 px, student width 128, 10 + 40 epochs, image score top3, and the
+RGB-only options ``--roi auto --border-cells 1``: the best measured on the real tire,
+docs/results.md); ``--roi none --border-cells 0 --image-score max`` gives the paper's
+whole-frame scoring back.
 
 Entry points: ``add_arguments`` / ``train(args, common)`` for edge-train, and ``fit`` /
 ``evaluate`` for scripts and tests that drive the trainer from Python.
@@ -32,10 +36,10 @@ import torch
 from tqdm import tqdm
 
 from edge_runtime.errors import DataError
-from edge_runtime.geometry import MapGeometry, gt_to_map
-from edge_runtime.methods.ast.config import IMAGE_SCORES, PROFILES, ASTConfig, profile_config
+from edge_runtime.geometry import gt_to_map
+from edge_runtime.methods.ast.config import IMAGE_SCORES, PROFILES, ASTConfig, profile_config, profile_settings
 from edge_runtime.methods.ast.model import ASTModel, student_loss, teacher_loss
-from edge_runtime.methods.ast.preprocess import make_preprocessor, preprocessing_params
+from edge_runtime.methods.ast.preprocess import foreground_roi, make_preprocessor, preprocessing_params, roi_geometry
 
 log = logging.getLogger("edge_train")
 
@@ -80,9 +84,20 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--teacher-hidden", type=int, default=None, help="flow subnet channels (paper 64)")
     group.add_argument("--student-epochs", type=int, default=None, help="student epochs (default: --epochs)")
     group.add_argument("--image-score", choices=IMAGE_SCORES, default=None,
-                       help="image score over the foreground cells (default max; the paper uses mean for RGB only)")
+                       help="image score over the counted cells: max, mean (the paper for RGB only) or top3 (mean of the 3 "
+                            "largest). Default: the profile's (max; top3 for the cpu profile's rgb)")
     group.add_argument("--fg-threshold", type=float, default=0.007,
                        help="foreground: metres off the corner background surface (default 0.007)")
+    group.add_argument("--roi", nargs="+", default=None, metavar="V",
+                       help="RGB only: crop every frame to a fixed box before the resize: 'auto' (the box of the "
+                            "training images' corner-colour foreground + 3%% margin), 'none' (the whole frame, as "
+                            "the paper) or X0 Y0 X1 Y1 (fractions). Default: the profile's")
+    group.add_argument("--rgb-foreground", choices=("colour", "none"), default=None,
+                       help="RGB only: mask losses and scores with the corner-colour foreground ('none': every "
+                            "cell, as the paper). Default: the profile's")
+    group.add_argument("--border-cells", type=int, default=None,
+                       help="RGB only: outer rings of grid cells left out of losses and scores (paper 0). "
+                            "Default: the profile's")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[ASTConfig, str | None, dict]:
@@ -108,6 +123,34 @@ def config_from_args(args: argparse.Namespace) -> tuple[ASTConfig, str | None, d
     return cfg, (spec if cfg.uses_rgb else None), prof
 
 
+def rgb_options_from_args(args: argparse.Namespace, prof: dict, cfg: ASTConfig) -> dict:
+    """fit's RGB-only options (roi, rgb_foreground, border) from the flags, else the
+    profile's "rgb" options for modality "rgb" (none for the modes with depth)."""
+    defaults = dict(prof.get("rgb", {}).get("options", {})) if cfg.modality == "rgb" else {}
+    opts = {"roi": defaults.get("roi"), "rgb_foreground": defaults.get("rgb_foreground", False),
+            "border": defaults.get("border", 0)}
+    roi = getattr(args, "roi", None)
+    if roi is not None:
+        if roi == ["auto"]:
+            opts["roi"] = "auto"
+        elif roi == ["none"]:
+            opts["roi"] = None
+        elif len(roi) == 4:
+            try:
+                opts["roi"] = [float(v) for v in roi]
+            except ValueError:
+                raise ValueError(f"ast: --roi takes auto, none or 4 numbers, got {' '.join(roi)}") from None
+        else:
+            raise ValueError(f"ast: --roi takes auto, none or 4 numbers, got {' '.join(roi)}")
+    if getattr(args, "rgb_foreground", None) is not None:
+        opts["rgb_foreground"] = args.rgb_foreground == "colour"
+    if getattr(args, "border_cells", None) is not None:
+        opts["border"] = args.border_cells
+    if cfg.modality != "rgb" and (opts["roi"] is not None or opts["rgb_foreground"] or opts["border"]):
+        raise ValueError("ast: --roi / --rgb-foreground / --border-cells apply to --modality rgb only")
+    return opts
+
+
 def _spec_arch(spec: str) -> str:
     name = spec.partition(":")[0]
     if not name.startswith("efficientnet-"):
@@ -120,10 +163,11 @@ def train(args: argparse.Namespace, common) -> "object":
     from train.common import Trained
 
     cfg, spec, prof = config_from_args(args)
+    ps = profile_settings(getattr(args, "profile", None) or "cpu", cfg.modality)
     settings = TrainSettings(
-        epochs=args.epochs or prof["epochs"],
-        student_epochs=getattr(args, "student_epochs", None),
-        batch_size=args.batch_size or prof["batch_size"],
+        epochs=args.epochs or ps["epochs"],
+        student_epochs=getattr(args, "student_epochs", None) or (None if args.epochs else ps["student_epochs"]),
+        batch_size=args.batch_size or ps["batch_size"],
         lr=args.lr or 2e-4,
         seed=args.seed if args.seed is not None else 0,
     )
@@ -143,7 +187,7 @@ def train(args: argparse.Namespace, common) -> "object":
         ckpt = (args.checkpoint_every, lambda state: save_checkpoint(path, state))
     model, fields = fit(cfg, refs, settings, backbone_spec=spec, device=common.device, progress=common.progress,
                         fg_threshold=getattr(args, "fg_threshold", 0.007), resume=resume, checkpoint=ckpt,
-                        logger=common.log)
+                        logger=common.log, **rgb_options_from_args(args, prof, cfg))
     fields["training"]["profile"] = getattr(args, "profile", None) or "cpu"
     fields["training"]["category"] = getattr(args, "category", None)
     return Trained(model=model, config=cfg, fields=fields, variant=None)
@@ -246,10 +290,14 @@ def _epochs_loop(module, loss_fn, data: dict, n: int, epochs: int, settings: Tra
 
 def fit(cfg: ASTConfig, refs: Sequence, settings: TrainSettings, backbone_spec: str | None = None,
         device="cpu", progress: bool = True, fg_threshold: float = 0.007, resume: dict | None = None,
-        checkpoint=None, logger: logging.Logger | None = None) -> tuple[ASTModel, dict]:
+        checkpoint=None, logger: logging.Logger | None = None, roi=None, rgb_foreground=False,
+        border: int = 0) -> tuple[ASTModel, dict]:
     """Train AST on ``refs`` (good training samples); returns (model in eval mode, manifest fields).
 
     resume: a checkpoint dict written through ``checkpoint`` = (every_n_epochs, save_fn).
+    roi / rgb_foreground / border: the RGB-only options of ``edge_runtime.methods.ast.preprocess``
+    (defaults: the paper's whole frame, every cell); ``roi="auto"`` derives the box from
+    ``refs`` (``foreground_roi``).
     """
     logger = logger or log
     device = torch.device(device)
@@ -260,7 +308,13 @@ def fit(cfg: ASTConfig, refs: Sequence, settings: TrainSettings, backbone_spec: 
     t0 = time.perf_counter()
     model, extractors, norm = build_initial_model(cfg, backbone_spec)
     mean, std = norm if norm else (None, None)
-    params = preprocessing_params(cfg, mean, std, threshold_m=fg_threshold)
+    if isinstance(roi, str):
+        if roi != "auto":
+            raise ValueError(f"ast: roi must be 'auto', None or 4 fractions, got {roi!r}")
+        roi = foreground_roi(ref.load().rgb for ref in refs)
+        logger.info("ast: roi from the training images' foreground: %s", roi)
+    params = preprocessing_params(cfg, mean, std, threshold_m=fg_threshold, roi=roi, rgb_foreground=rgb_foreground,
+                                  border=border)
     prep = make_preprocessor(params)
     model.to(device)
 
@@ -388,7 +442,7 @@ def evaluate(model: ASTModel, params: dict, refs: Sequence, device="cpu", batch:
             labels.append(int(sample.label))
             types.append(sample.defect_type)
             r = model.cfg.map_size
-            gts.append(gt_to_map(sample.gt, (r, r), MapGeometry.identity(sample.gt.shape)))
+            gts.append(gt_to_map(sample.gt, (r, r), roi_geometry(sample.gt.shape, params.get("roi"))))
             if len(pending) == batch:
                 flush()
         if pending:

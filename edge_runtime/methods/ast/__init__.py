@@ -82,7 +82,10 @@ class ASTMethod(Method):
 
     # ---------------------------------------------------------------- geometry
     def geometry(self, image_shape, manifest: dict) -> MapGeometry:
-        return MapGeometry.identity(image_shape)  # a plain resize of the whole image
+        from edge_runtime.methods.ast.preprocess import roi_geometry
+
+        # a plain resize of the whole image, or of the fixed ROI box (RGB-only option "roi")
+        return roi_geometry(image_shape, (manifest.get("preprocessing") or {}).get("roi"))
 
     def valid_mask(self, inputs: dict, map_shape, manifest: dict) -> np.ndarray:
         from edge_runtime.methods.ast.preprocess import map_valid_mask

@@ -163,7 +163,7 @@ class ASTModel(nn.Module):
     """The whole AST detector (see the module doc for inputs and outputs).
 
     Stages: "extract" (image features, depth unshuffle), "teacher", "student", "score".
-    ``image_score`` ("max" / "mean") may be changed on a built model (a scoring option).
+    ``image_score`` ("max" / "mean" / "top3") may be changed on a built model (a scoring option).
     """
 
     def __init__(self, cfg: ASTConfig):
@@ -198,6 +198,11 @@ class ASTModel(nn.Module):
         dist = dist * mask
         if self.image_score == "max":
             scores = dist.flatten(1).max(dim=1).values  # distances are >= 0: background (0) never wins
+        elif self.image_score == "top3":  # mean of the 3 largest counted cells (fewer when fewer count)
+            k = min(3, dist[0].numel())
+            top = dist.flatten(1).topk(k, dim=1).values
+            n = mask.flatten(1).sum(dim=1).clamp(1.0, float(k))
+            scores = top.sum(dim=1) / n  # the zeros of uncounted cells only fill in when < 3 cells count
         else:
             scores = dist.flatten(1).sum(dim=1) / mask.flatten(1).sum(dim=1).clamp_min(1.0)
         maps = F.interpolate(dist[:, None], size=(self.cfg.map_size, self.cfg.map_size), mode="bicubic",
