@@ -56,8 +56,9 @@ DEMO_SYNTH = {"size": 224, "seed": 0, "category": "puck"}
 # finds them: docs/benchmarks.md); DBRN, trained from scratch, takes 8 of them (--shots 8).
 DEMO_DATA = {"n_train": 40, "n_val": 10, "n_test_good": 2, "n_test_defect": 1}
 DEMO_TARGET_FPR = 0.1  # the quantile threshold needs >= 9 good calibration images at 10 %
-# Bumped when a training default the demos rely on changes: 2 = CFM's 1 mm table-plane margin.
-DEMO_RECIPE_VERSION = 2
+# Bumped when a training default the demos rely on changes: 2 = CFM's 1 mm table-plane margin,
+# 3 = AST's rgb-only cpu defaults (block 14 at 768 px, fixed crop box, border cells, top-3 score).
+DEMO_RECIPE_VERSION = 3
 
 
 def demo_models() -> dict[str, tuple[str, object]]:

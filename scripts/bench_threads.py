@@ -1,0 +1,43 @@
+"""Wall-clock ms of ``det.infer`` on one synthetic frame at several torch thread counts.
+
+    python scripts/bench_threads.py --model cfm-tiny --threads 1 2
+
+Run it on an idle machine and beside a busy one to see what oversubscribed OpenMP threads
+cost (docs/benchmarks.md, "torch threads per worker"). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from edge_runtime.backends import load_detector
+from edge_runtime.data.synth import SynthStation
+from edge_runtime.pipeline.store import resolve_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="cfm-tiny", help="bundle directory or store name")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--frames", type=int, default=5)
+    p.add_argument("--size", type=int, default=224)
+    args = p.parse_args()
+    det = load_detector(resolve_model(args.model), backend="torch", device="cpu")
+    frame = SynthStation(size=args.size, seed=0).render("puck", 0, "stream")
+    inputs = det.preprocess(frame.rgb, frame.xyz)
+    print("| torch threads | infer ms (wall, mean) | stages ms (last frame) |\n|---|---|---|")
+    for n in args.threads:
+        torch.set_num_threads(n)
+        det.infer(inputs)  # warm-up
+        t0 = time.perf_counter()
+        timings = [det.infer(inputs).timings_ms for _ in range(args.frames)]
+        ms = (time.perf_counter() - t0) / args.frames * 1e3
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in timings[-1].items() if v >= 0.5)
+        print(f"| {n} | {ms:.1f} | {stages} |")
+
+
+if __name__ == "__main__":
+    main()
