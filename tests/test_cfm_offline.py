@@ -42,6 +42,23 @@ def test_efficientnet_tokens_grid_and_renormalisation():
     assert torch.allclose(white * tokens.scale + tokens.shift, torch.full((1, 3, 1, 1), 128 / 128), atol=1e-5)
 
 
+def test_colour_channels_are_each_cells_mean_colour_repeated():
+    tokens = EfficientNetTokens("lite0", (4, 7), colour=6).eval()
+    rgb = torch.zeros(1, 3, R, R)
+    rgb[:, 0, :8, :8] = 2.0  # one red cell in the corner
+    rgb[:, 2, :, R // 2:] = -1.0  # the right half bluish-dark
+    with torch.inference_mode():
+        out = tokens(rgb)
+    assert out.shape == (1, 6 + 40 + 80, R // 8, R // 8) and tokens.out_dim == 126
+    colour = out[0, :6]
+    assert torch.allclose(colour[:3], colour[3:])  # repeated, so colour weighs 6 channels
+    assert colour[0, 0, 0] == 2.0 and colour[0, 0, 1] == 0.0 and colour[2, 0, -1] == -1.0 and colour[2, 0, 0] == 0.0
+    cfg = cfm_config("tiny", colour_2d=6, **OFFLINE)
+    assert cfg.dim_2d == 126 and CFMModel(cfg).backbone_2d.out_dim == 126
+    with pytest.raises(ValueError, match="colour_2d must be a multiple of 3"):
+        cfm_config("tiny", colour_2d=4, **OFFLINE)
+
+
 def test_offline_model_shapes_stages_and_determinism():
     torch.manual_seed(0)
     model = CFMModel(cfm_config("tiny", **OFFLINE))

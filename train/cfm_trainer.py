@@ -317,6 +317,9 @@ def add_arguments(group) -> None:
     group.add_argument("--backbone-3d", default=None, metavar="SPEC",
                        help="3D extractor: fpfh (default, no weights), pointmae:FILE (the paper's; a bare FILE "
                             "means this), pointmae:random")
+    group.add_argument("--colour-2d", type=int, default=0, metavar="N",
+                       help="append the image's mean colour per stride-8 cell to the EfficientNet features, "
+                            "repeated to N channels (a multiple of 3; default 0 = none, the paper's)")
     group.add_argument("--blocks-2d", default=None, metavar="I,J,...",
                        help="EfficientNet blocks feeding the mappers (default: the variant's)")
     # defaults chosen by measurement (docs/results.md, "FPFH grid and windows"): normals on the
@@ -357,6 +360,8 @@ def train(args: argparse.Namespace, common: Common) -> Trained:
     overrides.update(extractor_2d=ext_2d, extractor_3d=ext_3d)
     if args.blocks_2d:
         overrides["blocks_2d"] = tuple(int(b) for b in args.blocks_2d.split(","))
+    if args.colour_2d:
+        overrides["colour_2d"] = args.colour_2d
     if ext_3d == "fpfh":
         overrides.update(fpfh_normal_window=args.fpfh_normal_window, fpfh_feature_window=args.fpfh_feature_window,
                          fpfh_stride=args.fpfh_stride, fpfh_normal_stride=args.fpfh_normal_stride)

@@ -128,6 +128,11 @@ class CFMConfig:
     fpfh_normal_stride: the normals are estimated on every ``fpfh_normal_stride``-th pixel
         (a divisor of ``fpfh_stride``; 0 = the FPFH grid itself) and then sampled onto the
         FPFH grid: denser normals than histograms, for the cost of the normals only.
+    colour_2d: channels of raw colour appended to the EfficientNet features: the input
+        image's mean (ImageNet-normalised) R, G, B over each stride-8 cell, each repeated
+        ``colour_2d / 3`` times so that colour weighs that many channels in the mappers'
+        cosine losses and distances (0 = none, the paper's). ImageNet features are built to
+        be colour-tolerant; a stain that leaves the geometry untouched shows up here.
     standardize: z-score each feature channel with statistics of the training pixels
         (buffers set by the trainer) before the mappers; used with the offline extractors,
         whose channels have very different scales.
@@ -154,6 +159,7 @@ class CFMConfig:
     fpfh_feature_window: int = 11
     fpfh_stride: int = 1
     fpfh_normal_stride: int = 0
+    colour_2d: int = 0
     standardize: bool = False
 
     def __post_init__(self):
@@ -170,6 +176,8 @@ class CFMConfig:
         if ns < 1 or self.resolution % ns or self.fpfh_stride % ns:
             problems.append(f"fpfh_normal_stride must divide fpfh_stride ({self.fpfh_stride}) and resolution "
                             f"({self.resolution}), got {self.fpfh_normal_stride}")
+        if self.colour_2d < 0 or self.colour_2d % 3 or (self.colour_2d and not self.extractor_2d.startswith("efficientnet-")):
+            problems.append(f"colour_2d must be a multiple of 3 (with an EfficientNet extractor), got {self.colour_2d}")
         if self.extractor_2d.startswith("efficientnet-") and not self.blocks_2d:
             problems.append("blocks_2d must name the EfficientNet blocks to use")
         if self.resolution < 8 or self.resolution % 8:
@@ -254,7 +262,7 @@ def cfm_config(variant: str, profile: str = "paper", **overrides) -> CFMConfig:
         blocks = tuple(overrides.get("blocks_2d") or _scaled_blocks(arch, EFFICIENTNET_BLOCKS[variant]))
         table = block_table(arch)
         params["blocks_2d"] = blocks
-        params["dim_2d"] = sum(table[i]["channels"] for i in blocks)
+        params["dim_2d"] = sum(table[i]["channels"] for i in blocks) + int(overrides.get("colour_2d") or 0)
         params.setdefault("standardize", True)
     if overrides.get("extractor_3d") == "fpfh":
         params["dim_3d"] = FPFH_DIM
@@ -372,7 +380,7 @@ class EfficientNetTokens(nn.Module):
     token grid the ViT gives. Input: CFM's ImageNet-normalised image; it is re-normalised
     inside (a per-channel affine buffer) to what the weights were trained with."""
 
-    def __init__(self, arch: str, blocks: tuple[int, ...]):
+    def __init__(self, arch: str, blocks: tuple[int, ...], colour: int = 0):
         super().__init__()
         from edge_runtime.data.depth import IMAGENET_MEAN, IMAGENET_STD
         from edge_runtime.nets.efficientnet import EfficientNetFeatures
@@ -383,11 +391,14 @@ class EfficientNetTokens(nn.Module):
         shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean_w)) / torch.tensor(std_w)
         self.register_buffer("scale", scale.view(1, 3, 1, 1))
         self.register_buffer("shift", shift.view(1, 3, 1, 1))
-        self.out_dim = sum(self.net.out_channels)
+        self.colour_repeats = colour // 3
+        self.out_dim = sum(self.net.out_channels) + 3 * self.colour_repeats
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         h, w = rgb.shape[-2] // 8, rgb.shape[-1] // 8
         maps = []
+        if self.colour_repeats:  # the cell's mean colour, repeated (``CFMConfig.colour_2d``)
+            maps.append(F.adaptive_avg_pool2d(rgb, (h, w)).repeat(1, self.colour_repeats, 1, 1))
         for f in self.net(rgb * self.scale + self.shift):
             if f.shape[-2] > h:
                 f = F.adaptive_avg_pool2d(f, (h, w))
@@ -440,7 +451,8 @@ class CFMModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.extractor_2d.startswith("efficientnet-"):
-            self.backbone_2d = EfficientNetTokens(cfg.extractor_2d.removeprefix("efficientnet-"), cfg.blocks_2d)
+            self.backbone_2d = EfficientNetTokens(cfg.extractor_2d.removeprefix("efficientnet-"), cfg.blocks_2d,
+                                                  cfg.colour_2d)
         else:
             self.backbone_2d = ViTExtractor(depth=cfg.vit_depth)
         if cfg.extractor_3d == "fpfh":
