@@ -455,11 +455,28 @@ def alert_loop(io: StageIO, cfg: RunConfig) -> None:
             record = stages.shutdown_record(cfg.station, cfg.run_id, fid, cfg.model, cfg.bundle_hash, reason)
             stats.add(publish(record), {}, None)
 
+        shutdown: dict = {"reason": None, "guessed": False}  # set by FINALIZE
+
         def finalize(captured: int | None, reason: str) -> None:
+            shutdown["reason"] = reason
             if stats.captured is None:
+                # capture's count unknown (it did not report in time): the ids seen are a lower bound
+                shutdown["guessed"] = captured is None
                 stats.captured = captured if captured is not None else ledger.count_upper()
             for fid in ledger.missing(stats.captured):
                 record_error(fid, reason)
+
+        def after_finalize(fid: int | None = None, captured: int | None = None) -> None:
+            """A guessed count grows with every later id (a record, or capture's own count),
+            and the ids it then covers without a record get one: the invariant keeps holding."""
+            if shutdown["reason"] is None or not shutdown["guessed"]:
+                return
+            if captured is not None:
+                stats.captured, shutdown["guessed"] = max(stats.captured, captured), False
+            elif fid is not None and fid >= stats.captured:
+                stats.captured = fid + 1
+            for missing in ledger.missing(stats.captured):
+                record_error(missing, shutdown["reason"])
 
         def sweep(now: float) -> None:
             """Ids still missing while later ids were decided: ERROR "lost" after ``lost_s``
@@ -493,9 +510,13 @@ def alert_loop(io: StageIO, cfg: RunConfig) -> None:
                 if frame is None:
                     continue
                 if frame.header.get("kind") == "eos":
-                    stats.captured = frame.header["captured"]
+                    if shutdown["guessed"]:
+                        after_finalize(captured=int(frame.header["captured"]))
+                    else:
+                        stats.captured = frame.header["captured"]
                 else:
                     handle(frame)
+                    after_finalize(fid=frame.header.get("frame_id"))
             publisher.tick()
             now = time.monotonic()
             if now >= next_sweep:

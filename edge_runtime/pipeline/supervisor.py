@@ -38,6 +38,10 @@ from edge_runtime.pipeline.loops import stage_main
 from edge_runtime.pipeline.wire import WireError, pack_msg, unpack_msg
 
 QUIT_GRACE_S = 5.0  # a stage that does not exit this long after QUIT is killed
+# After an error stops the run, how long the alert stage's FINALIZE waits for capture's
+# count of frames: without it the alert stage can only guess the count from the ids it saw,
+# and records of frames still in flight (a dead worker's) would land beyond the guess.
+CAPTURE_COUNT_WAIT_S = 3.0
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -132,7 +136,7 @@ class Supervisor:
         waiting = set(self.procs)
         started_at = None
         ready_called = False
-        drain_deadline = finalize_deadline = None
+        drain_deadline = finalize_deadline = count_wait = None
         while True:
             now = time.monotonic()
             for ident, payload in self._messages():
@@ -167,9 +171,13 @@ class Supervisor:
                 drain_deadline = now + cfg.drain_timeout_s
             if ending and "alert" not in self.procs:  # nobody left to finish the records
                 break
-            if ending and finalize_deadline is None:
+            if ending and finalize_deadline is None and count_wait is None:
                 if self.error is not None and "capture" in self.procs:
                     self.send("capture", C.STOP)
+                count_wait = now + (CAPTURE_COUNT_WAIT_S if self.captured is None and started_at is not None
+                                    and "capture" in self.procs else 0.0)
+            if (ending and finalize_deadline is None and count_wait is not None
+                    and (self.captured is not None or "capture" not in self.procs or now >= count_wait)):
                 reason = ("not decided before shutdown: " +
                           (self.error or ("second stop signal" if self.signals > 1 else
                                           f"drain timeout of {cfg.drain_timeout_s:g} s")))
