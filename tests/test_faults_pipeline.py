@@ -59,6 +59,23 @@ def test_a_hung_worker_is_killed_at_the_frame_deadline_and_restarted(tmp_path):
     assert summary["frames"]["OK"] + summary["frames"]["NOT_OK"] == 6 - len(errors)  # the replacement took over
 
 
+def test_records_stay_accounted_when_the_alert_stage_must_guess_the_count(tmp_path, monkeypatch):
+    """FINALIZE without capture's count (no wait for it): the alert stage guesses from the
+    ids it saw, and frames recorded later (the dead workers' in-flight ones) raise the
+    guess instead of breaking the invariant."""
+    import edge_runtime.pipeline.supervisor as supervisor
+
+    monkeypatch.setattr(supervisor, "CAPTURE_COUNT_WAIT_S", 0.0)
+    for k in range(3):
+        cfg = run_config(tmp_path / str(k), frames=6, max_restarts=2, restart_window_s=600.0,
+                         backend_options={"exit_after": 0})
+        summary = run_bounded(cfg, timeout_s=120)
+        assert "--max-restarts 2" in summary["error"]
+        assert summary["invariant"]["holds"] is True, summary["invariant"]
+        ids = sorted(r["frame_id"] for r in _records(cfg))
+        assert ids == list(range(len(ids))) and len(ids) == summary["frames"]["decided"]  # one record per id
+
+
 def test_the_restart_limit_is_a_rate_not_a_total(tmp_path):
     crash = {"exit_after": 0}  # every worker exits on its first frame
     cfg = run_config(tmp_path / "a", frames=6, max_restarts=2, restart_window_s=600.0, backend_options=crash)
