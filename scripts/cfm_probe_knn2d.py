@@ -20,15 +20,16 @@ import torch
 
 from edge_runtime.backends import load_detector
 from edge_runtime.data.mvtec import MVTec3D
+from edge_runtime.metrics import image_auroc
 
 CATEGORIES = ("puck", "bagel", "box", "cookie", "cable")
 BANK_IMAGES, BANK_PIXELS = 100, 30000
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray, keep: np.ndarray | None = None) -> float:
-    pos = scores[(labels == 1) & (True if keep is None else keep)]
-    neg = scores[labels == 0]
-    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+    """Image AUROC (``edge_runtime.metrics``) of the good parts against the defective ones in ``keep``."""
+    sel = (labels == 0) | (True if keep is None else keep)
+    return image_auroc(scores[sel], labels[sel])
 
 
 def probe(data, category: str, bundle) -> dict:

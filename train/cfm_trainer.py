@@ -196,12 +196,12 @@ def load_backbones(model: CFMModel, backbone_2d: str | Path | None, backbone_3d:
     return provenance, warnings
 
 
-def prepare_inputs(data: str | Path, category: str, resolution: int, shots: int | None = None,
-                   shot_mode: str = "first", seed: int = 0, clean: bool = True,
-                   progress: bool = True, crop: float | None = None, plane_m: float = PAPER_PLANE_M,
+def prepare_inputs(data: str | Path, category: str, preprocessing: dict, shots: int | None = None,
+                   shot_mode: str = "first", seed: int = 0, progress: bool = True,
                    ) -> tuple[list[dict[str, np.ndarray]], list[str]]:
     """Training images of ``category`` (train/good, optionally a few-shot subset),
-    preprocessed by ``cfm_preprocess``; returns (inputs, rgb file paths). A frame that
+    preprocessed by ``cfm_preprocess(**preprocessing)``, the bundle's own preprocessing
+    dict (what the runtime will use); returns (inputs, rgb file paths). A frame that
     cannot be preprocessed raises ``DataError`` naming its xyz file."""
     refs = MVTec3D(data).index(category, "train")
     if shots is not None:
@@ -212,8 +212,7 @@ def prepare_inputs(data: str | Path, category: str, resolution: int, shots: int 
         if sample.xyz is None:
             raise DataError(ref.paths["rgb"], "CFM needs xyz point clouds; this category is RGB-only")
         try:
-            inputs.append(cfm_preprocess(sample.rgb, sample.xyz, resolution=resolution, clean=clean, crop=crop,
-                                         plane_m=plane_m))
+            inputs.append(cfm_preprocess(sample.rgb, sample.xyz, **preprocessing))
         except DataError as err:
             raise DataError(ref.paths.get("xyz", ref.paths["rgb"]), err.problem) from None
         names.append(ref.paths["rgb"])
@@ -236,8 +235,7 @@ def train_cfm(cfg: CFMConfig, data: str | Path, category: str, settings: TrainSe
     preprocessing = {"resolution": cfg.resolution, "clean": True, "plane_m": float(plane_m)}
     if crop is not None:
         preprocessing["crop"] = float(crop)
-    inputs, names = prepare_inputs(data, category, cfg.resolution, shots, shot_mode, settings.seed,
-                                   clean=preprocessing["clean"], progress=progress, crop=crop, plane_m=plane_m)
+    inputs, names = prepare_inputs(data, category, preprocessing, shots, shot_mode, settings.seed, progress=progress)
     t_prep = time.perf_counter() - t0
     cache = extract_features(model, inputs, dev, batch_size=settings.batch_size,
                              cache_mb=settings.cache_mb, seed=settings.seed, progress=progress, names=names)
