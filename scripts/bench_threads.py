@@ -1,6 +1,7 @@
 """Wall-clock ms of ``det.infer`` on one synthetic frame at several torch thread counts.
 
     python scripts/bench_threads.py --model cfm-tiny --threads 1 2
+    python scripts/bench_threads.py --model cfm-tiny --threads 1 --contiguous   # without channels-last
 
 Run it on an idle machine and beside a busy one to see what oversubscribed OpenMP threads
 cost (docs/benchmarks.md, "torch threads per worker"). Prints a markdown table.
@@ -24,19 +25,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--frames", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--contiguous", action="store_true",
+                   help="store the weights contiguous (NCHW) instead of the backend's channels-last, to compare")
     args = p.parse_args()
     det = load_detector(resolve_model(args.model), backend="torch", device="cpu")
+    if args.contiguous:
+        det.model = det.model.to(memory_format=torch.contiguous_format)
     frame = SynthStation(size=args.size, seed=0).render("puck", 0, "stream")
     inputs = det.preprocess(frame.rgb, frame.xyz)
-    print("| torch threads | infer ms (wall, mean) | stages ms (last frame) |\n|---|---|---|")
+    print("| torch threads | infer ms (wall, mean) | infer ms CPU of this thread (1 thread: all of it) | stages ms "
+          "(last frame) |\n|---|---|---|---|")
     for n in args.threads:
         torch.set_num_threads(n)
         det.infer(inputs)  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         timings = [det.infer(inputs).timings_ms for _ in range(args.frames)]
         ms = (time.perf_counter() - t0) / args.frames * 1e3
+        cpu_ms = (time.thread_time() - c0) / args.frames * 1e3
         stages = ", ".join(f"{k} {v:.0f}" for k, v in timings[-1].items() if v >= 0.5)
-        print(f"| {n} | {ms:.1f} | {stages} |")
+        print(f"| {n} | {ms:.1f} | {cpu_ms:.1f} | {stages} |")
 
 
 if __name__ == "__main__":
