@@ -2,6 +2,8 @@
 
     python scripts/bench_threads.py --model cfm-tiny --threads 1 2
     python scripts/bench_threads.py --model cfm-tiny --threads 1 --contiguous   # without channels-last
+    python scripts/bench_threads.py --model cfm-tiny --threads 1 --unfused      # batch-norms kept
+    EDGE_RUNTIME_KEEP_HEAP=0 python scripts/bench_threads.py ...                # glibc's default heap
 
 Run it on an idle machine and beside a busy one to see what oversubscribed OpenMP threads
 cost (docs/benchmarks.md, "torch threads per worker"). Prints a markdown table.
@@ -27,8 +29,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--contiguous", action="store_true",
                    help="store the weights contiguous (NCHW) instead of the backend's channels-last, to compare")
+    p.add_argument("--unfused", action="store_true",
+                   help="keep the extractors' batch-norms (the backend folds them into the convolutions by default)")
     args = p.parse_args()
-    det = load_detector(resolve_model(args.model), backend="torch", device="cpu")
+    det = load_detector(resolve_model(args.model), backend="torch", device="cpu", fuse=not args.unfused)
     if args.contiguous:
         det.model = det.model.to(memory_format=torch.contiguous_format)
     frame = SynthStation(size=args.size, seed=0).render("puck", 0, "stream")

@@ -178,3 +178,37 @@ def test_auto_order_with_gpu_but_no_tensorrt(tiny_bundle, monkeypatch):
     assert "parity check failed" in dict(rejected)["torch cuda fp16"]
     assert [c.label for c in usable] == []  # cuda only, ORT has no export here
     _set_engines(tiny_bundle, {})
+
+
+def test_torch_backend_fuses_the_extractor_only_when_asked(tmp_path):
+    from tests.test_cfm import R, scene
+
+    torch.manual_seed(0)
+    model = CFMModel(cfm_config("tiny", resolution=R, extractor_2d="efficientnet-lite0", extractor_3d="fpfh",
+                                fpfh_stride=2))
+    bundle = save_cfm_bundle(tmp_path / "lite", model, {"preprocessing": {"clean": True}})
+    fused = load_detector(bundle, backend="torch", device="cpu")
+    plain = load_detector(bundle, backend="torch", device="cpu", fuse=False)
+    bn = lambda det: sum(isinstance(m, torch.nn.BatchNorm2d) for m in det.model.modules())  # noqa: E731
+    assert bn(fused) == 0 and bn(plain) > 0
+    rgb, xyz = scene(1)
+    inputs = {"rgb": rgb[0].numpy(), "xyz": xyz[0].numpy()}
+    a, b = fused.infer(inputs), plain.infer(inputs)
+    assert a.score == pytest.approx(b.score, rel=1e-4)
+    assert np.allclose(a.amap, b.amap, rtol=1e-4, atol=1e-5)
+
+
+def test_retain_freed_memory_is_switchable(monkeypatch):
+    from edge_runtime import hostmem
+
+    monkeypatch.setattr(hostmem, "_state", {})
+    monkeypatch.setenv(hostmem.ENV_SWITCH, "0")
+    assert hostmem.retain_freed_memory() is False
+    monkeypatch.setattr(hostmem, "_state", {})
+    monkeypatch.delenv(hostmem.ENV_SWITCH)
+    on = hostmem.retain_freed_memory()
+    import sys as _sys
+    import ctypes.util as _cu
+    glibc = _sys.platform.startswith("linux") and "libc.so" in (_cu.find_library("c") or "")
+    assert on is glibc
+    assert hostmem.retain_freed_memory() is on  # once per process

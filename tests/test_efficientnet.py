@@ -205,3 +205,20 @@ def test_build_from_user_file(tmp_path):
     }
     assert torch.equal(model._blocks[6]._depthwise_conv.weight, src._blocks[6]._depthwise_conv.weight)
     assert torch.equal(model._bn0.running_var, src._bn0.running_var)
+
+
+def test_fuse_for_inference_folds_batchnorm_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = EfficientNetFeatures("lite0", (2, 7))
+    _randomise_bn(model, seed=3)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        before = model(x)
+        assert model.fuse_for_inference() is model
+        after = model(x)
+        model.fuse_for_inference()  # a second call changes nothing
+        again = model(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(k.split(".")[-2].startswith("_bn") for k in model.state_dict() if "." in k)
+    for b, a, g in zip(before, after, again):
+        assert torch.allclose(b, a, rtol=1e-4, atol=1e-5) and torch.equal(a, g)

@@ -16,6 +16,11 @@ returns a :class:`TorchDetector`:
 * on CPU the model's 4-D weights are stored channels-last (``CPU_MEMORY_FORMAT``): the
   same results, and about a quarter less time in EfficientNet-Lite0's convolutions on one
   core (docs/benchmarks.md).
+* ``fuse=True`` (default): every submodule that offers ``fuse_for_inference()`` (a frozen
+  extractor folding its batch-norms into its convolutions) is fused after loading; the
+  outputs agree to float rounding. ``fuse=False`` runs the modules as built.
+* on CPU the process keeps freed heap memory (``edge_runtime.hostmem``), so a frame's
+  large activations do not page-fault afresh on every frame.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from edge_runtime.backends.detector import Result
 from edge_runtime.bundle import build_model, load_bundle, method_of
 from edge_runtime.errors import BackendUnavailable
+from edge_runtime.hostmem import retain_freed_memory
 
 PRECISIONS = ("fp32", "fp16")
 CPU_MEMORY_FORMAT = torch.channels_last  # oneDNN's fast layout for convolutions on CPU
@@ -104,12 +110,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def fuse_for_inference(model: torch.nn.Module) -> int:
+    """Call ``fuse_for_inference()`` on every submodule that offers it; the number fused."""
+    fusable = [m for m in model.modules() if callable(getattr(m, "fuse_for_inference", None))]
+    for m in fusable:
+        m.fuse_for_inference()
+    return len(fusable)
+
+
 def load(bundle_dir: str | Path, device: str = "cpu", precision: str = "fp32", verify: bool = True,
-         **options) -> TorchDetector:
+         fuse: bool = True, **options) -> TorchDetector:
     """Load a bundle behind the torch backend.
 
     precision: "fp32", or "fp16" (CUDA only; see the module doc).
     verify: check every bundle file's sha256 before loading (default).
+    fuse: fold frozen extractors' batch-norms into their convolutions (see the module doc).
     options: the method's scoring options (``Method.scoring_options``), validated by the
     method, so a typo is an error rather than silently ignored. None values are dropped.
     """
@@ -122,7 +137,10 @@ def load(bundle_dir: str | Path, device: str = "cpu", precision: str = "fp32", v
     model = build_model(bundle)
     method = method_of(bundle.manifest)
     method.apply_options(model, method.check_options({k: v for k, v in options.items() if v is not None}))
+    if fuse:
+        fuse_for_inference(model)
     model = model.to(dev)
     if dev.type == "cpu":
+        retain_freed_memory()
         model = model.to(memory_format=CPU_MEMORY_FORMAT)
     return TorchDetector(model, bundle.manifest, dev, precision)

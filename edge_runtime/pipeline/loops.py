@@ -31,6 +31,7 @@ import zmq
 
 from edge_runtime.errors import DataError, EdgeError
 from edge_runtime.geometry import MapGeometry
+from edge_runtime.hostmem import retain_freed_memory
 from edge_runtime.pipeline import control as C
 from edge_runtime.pipeline import stages
 from edge_runtime.pipeline.config import Links, RunConfig
@@ -545,6 +546,7 @@ def stage_main(role: str, name: str, cfg: RunConfig, links: Links, parent_pid: i
     """Entry point of a stage process: run its loop; report a fatal error to the supervisor."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group;
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor decides how to stop
+    retain_freed_memory()  # per-frame arrays reuse the heap instead of page-faulting afresh
     io = StageIO(name, links, parent_pid)
     code = 0
     try:
