@@ -41,6 +41,7 @@ PAPER = {"tiny": (0.899, 0.990, 0.961, 0.419), "small": (0.948, 0.994, 0.972, 0.
          "full": (0.954, 0.993, 0.971, 0.455)}  # MVTec 3D-AD means, DINO + Point-MAE (docs/methods.md)
 BIN = Path(sys.executable).parent
 BLOCKS = ("4", "4,7", "2,4,7")  # "4,7,10" is cfm-small
+TOKEN_GRIDS = (("4,7", "8"), ("1,2,4", "4"), ("2,4", "4"), ("2,4,7", "4"))  # (blocks, token stride)
 SYNTH = {"large": ["--train", "200", "--val", "20", "--test-good", "40", "--test-defect", "12"],
          "small": ["--train", "40", "--val", "20", "--test-good", "20", "--test-defect", "6"]}
 
@@ -138,6 +139,14 @@ def main() -> None:
             name = "off-tiny" if blocks == "4,7" else f"blocks-{blocks.replace(',', '-')}"  # 4,7: the default
             out.append(row(f"blocks {blocks}", [report(args, name, c,
                                                        ["--variant", "tiny", "--blocks-2d", blocks]) for c in cats]))
+        out.append("")
+    if "tokens" in args.sections:
+        out += ["### EfficientNet token grid: stride 8 against stride 4 (cfm-tiny)", "", HEADER]
+        for blocks, stride in TOKEN_GRIDS:
+            name = "off-tiny" if (blocks, stride) == ("4,7", "8") else f"tok{stride}-{blocks.replace(',', '-')}"
+            out.append(row(f"blocks {blocks}, stride {stride}",
+                           [report(args, name, c, ["--variant", "tiny", "--blocks-2d", blocks, "--token-stride", stride])
+                            for c in cats]))
         out.append("")
     if "plane" in args.sections:
         out += ["### Table-plane margin of the cloud cleaning (cfm-tiny)", "", HEADER]

@@ -137,3 +137,21 @@ def test_offline_bundle_rebuilds_exactly(offline_run):
         ref = rebuilt(rgb, xyz)
     assert res.score == pytest.approx(float(ref[0][0]), rel=1e-5)
     assert np.allclose(res.amap, ref[1][0].numpy(), atol=1e-6)
+
+
+def test_token_stride_4_gives_the_finer_grid_and_is_checked():
+    cfg = cfm_config("tiny", blocks_2d=(1, 2, 4), token_stride=4, **OFFLINE)
+    assert cfg.dim_2d == 24 + 24 + 40 and cfg.token_stride == 4
+    model = CFMModel(cfg).eval()
+    rgb, xyz = scene(1)
+    with torch.inference_mode():
+        tokens = model.backbone_2d(rgb)
+        score, amap = model(rgb, xyz)
+    assert tokens.shape == (1, 88, R // 4, R // 4) and amap.shape == (1, R, R) and torch.isfinite(score).all()
+    (part,) = [p for p in methods.get("cfm").dense_parts(cfg) if p.path == "backbone_2d"]
+    assert part.output[1] == [1, 88, R // 4, R // 4]
+    assert cfm_config("tiny", **OFFLINE).token_stride == 8  # the default, as the ViT's grid
+    with pytest.raises(ValueError, match="token_stride"):
+        cfm_config("tiny", token_stride=2, **OFFLINE)
+    with pytest.raises(ValueError, match="token_stride"):
+        cfm_config("tiny", token_stride=4)  # the ViT's grid is fixed

@@ -38,7 +38,8 @@ from edge_runtime.bundle import RANDOM_INIT
 from edge_runtime.data.mvtec import MVTec3D, few_shot
 from edge_runtime.errors import DataError
 from edge_runtime.nets import checkpoints
-from edge_runtime.methods.cfm.model import PROFILES, VARIANTS, CFMConfig, CFMModel, cfm_config, mapper_parameters
+from edge_runtime.methods.cfm.model import (PROFILES, TOKEN_STRIDES, VARIANTS, CFMConfig, CFMModel, cfm_config,
+                                           mapper_parameters)
 from edge_runtime.methods.cfm.preprocess import PAPER_PLANE_M, cfm_preprocess
 from train.common import Common, Trained
 from train.cfm_features import FeatureCache, extract_features, standardize_cache
@@ -320,6 +321,8 @@ def add_arguments(group) -> None:
                             "repeated to N channels (a multiple of 3; default 0 = none, the paper's)")
     group.add_argument("--blocks-2d", default=None, metavar="I,J,...",
                        help="EfficientNet blocks feeding the mappers (default: the variant's)")
+    group.add_argument("--token-stride", type=int, default=None, choices=TOKEN_STRIDES,
+                       help="EfficientNet token grid: 8 = R/8 (the ViT's grid; default) or 4 = R/4")
     # defaults chosen by measurement (docs/results.md, "FPFH grid and windows"): normals on the
     # 112 grid, histograms on the 56 grid: as accurate as 112 / 5 / 11 at a tenth of the cost
     group.add_argument("--fpfh-normal-window", type=int, default=5,
@@ -360,6 +363,8 @@ def train(args: argparse.Namespace, common: Common) -> Trained:
         overrides["blocks_2d"] = tuple(int(b) for b in args.blocks_2d.split(","))
     if args.colour_2d:
         overrides["colour_2d"] = args.colour_2d
+    if args.token_stride:
+        overrides["token_stride"] = args.token_stride
     if ext_3d == "fpfh":
         overrides.update(fpfh_normal_window=args.fpfh_normal_window, fpfh_feature_window=args.fpfh_feature_window,
                          fpfh_stride=args.fpfh_stride, fpfh_normal_stride=args.fpfh_normal_stride)

@@ -78,7 +78,7 @@ class CFMMethod(Method):
     def dense_parts(self, cfg) -> list[PartSpec]:
         r, g, k, m = cfg.resolution, cfg.num_groups, cfg.group_size, cfg.mapper_resolution
         c2, c3 = cfg.dim_2d, cfg.dim_3d
-        parts = [PartSpec("backbone_2d", "backbone_2d", [("rgb", [1, 3, r, r])], ("tokens", [1, c2, r // 8, r // 8]))]
+        parts = [PartSpec("backbone_2d", "backbone_2d", [("rgb", [1, 3, r, r])], ("tokens", [1, c2, r // cfg.token_stride, r // cfg.token_stride]))]
         if cfg.extractor_3d == "pointmae":  # FPFH has no weights: it stays torch code
             parts.append(PartSpec("backbone_3d.dense", "backbone_3d_dense",
                                   [("neighborhood", [1, g, k, 3]), ("centers", [1, g, 3])], ("features", [1, g, c3])))

