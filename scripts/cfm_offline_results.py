@@ -42,6 +42,8 @@ PAPER = {"tiny": (0.899, 0.990, 0.961, 0.419), "small": (0.948, 0.994, 0.972, 0.
 BIN = Path(sys.executable).parent
 BLOCKS = ("4", "4,7", "2,4,7")  # "4,7,10" is cfm-small
 TOKEN_GRIDS = (("4,7", "8"), ("1,2,4", "4"), ("2,4", "4"), ("2,4,7", "4"))  # (blocks, token stride)
+TINY = "tok4-1-2-4"  # bundle name of cfm-tiny's default since blocks 1,2,4 on the R/4 grid
+OLD_TINY = ["--blocks-2d", "4,7", "--token-stride", "8"]  # cfm-tiny before: the blocks / plane tables used it
 SYNTH = {"large": ["--train", "200", "--val", "20", "--test-good", "40", "--test-defect", "12"],
          "small": ["--train", "40", "--val", "20", "--test-good", "20", "--test-defect", "6"]}
 
@@ -106,7 +108,11 @@ def main() -> None:
     if "variants" in args.sections:
         out += ["### Variants (EfficientNet-Lite0 + FPFH, cpu profile)", "", HEADER]
         for v in ("tiny", "small", "full"):
-            out.append(row(f"cfm-{v}, Lite0 + FPFH", [report(args, f"off-{v}", c, ["--variant", v]) for c in cats]))
+            out.append(row(f"cfm-{v}, Lite0 + FPFH", [report(args, TINY if v == "tiny" else f"off-{v}", c,
+                                                             ["--variant", v]) for c in cats]))
+            if v == "tiny":
+                out.append(row("cfm-tiny before (blocks 4,7 on the R/8 grid)",
+                               [report(args, "off-tiny", c, ["--variant", "tiny", *OLD_TINY]) for c in cats]))
         if args.with_random:
             out.append(row("cfm-tiny, random-init DINO + Point-MAE",
                        [report(args, "rand-tiny", c, ["--variant", "tiny", "--backbone-2d", "dino-vitb8:random",
@@ -119,7 +125,7 @@ def main() -> None:
         out += ["### Each mapper direction alone (cfm-tiny bundles re-scored)", "", HEADER]
         for agg, label in (("product", "product (default)"), ("sum", "sum"), ("2d", "2D map only (Lite)"),
                            ("3d", "3D map only (FPFH)")):
-            out.append(row(label, [report(args, "off-tiny", c, ["--variant", "tiny"],
+            out.append(row(label, [report(args, TINY, c, ["--variant", "tiny"],
                                           ["--option", f"aggregation={agg}"]) for c in cats]))
         out.append("")
     if "fpfh" in args.sections:
@@ -136,9 +142,10 @@ def main() -> None:
     if "blocks" in args.sections:
         out += ["### EfficientNet-Lite0 blocks feeding the mappers (cfm-tiny)", "", HEADER]
         for blocks in BLOCKS:
-            name = "off-tiny" if blocks == "4,7" else f"blocks-{blocks.replace(',', '-')}"  # 4,7: the default
+            name = "off-tiny" if blocks == "4,7" else f"blocks-{blocks.replace(',', '-')}"  # 4,7: old tiny
             out.append(row(f"blocks {blocks}", [report(args, name, c,
-                                                       ["--variant", "tiny", "--blocks-2d", blocks]) for c in cats]))
+                                                       ["--variant", "tiny", "--blocks-2d", blocks, "--token-stride",
+                                                        "8"]) for c in cats]))
         out.append("")
     if "tokens" in args.sections:
         out += ["### EfficientNet token grid: stride 8 against stride 4 (cfm-tiny)", "", HEADER]
@@ -152,13 +159,13 @@ def main() -> None:
         out += ["### Table-plane margin of the cloud cleaning (cfm-tiny)", "", HEADER]
         for mm, label in (("5", "5 mm (the released code)"), ("2", "2 mm"), ("1", "1 mm (default)")):
             name = "off-tiny" if mm == "1" else f"plane{mm}-tiny"
-            out.append(row(label, [report(args, name, c, ["--variant", "tiny", "--plane-margin-mm", mm])
+            out.append(row(label, [report(args, name, c, ["--variant", "tiny", *OLD_TINY, "--plane-margin-mm", mm])
                                    for c in cats]))
         out.append("")
     if "crop" in args.sections:
         out += ["### Object-centred crop (cfm-tiny)", "", HEADER]
-        out.append(row("whole frame (default)", [report(args, "off-tiny", c, ["--variant", "tiny"]) for c in cats]))
-        out.append(row("--crop 0.1", [report(args, "crop-tiny", c, ["--variant", "tiny", "--crop", "0.1"])
+        out.append(row("whole frame (default)", [report(args, "off-tiny", c, ["--variant", "tiny", *OLD_TINY]) for c in cats]))
+        out.append(row("--crop 0.1", [report(args, "crop-tiny", c, ["--variant", "tiny", *OLD_TINY, "--crop", "0.1"])
                                       for c in cats]))
         out.append("")
     out.append(f"({time.time() - t0:.0f} s wall for this invocation, cached runs excluded)")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 OFFLINE = dict(resolution=R, extractor_2d="efficientnet-lite0", extractor_3d="fpfh", fpfh_stride=2)
 
 
-@pytest.mark.parametrize("variant,blocks,dim_2d", [("tiny", (4, 7), 120), ("small", (4, 7, 10), 232),
+@pytest.mark.parametrize("variant,blocks,dim_2d", [("tiny", (1, 2, 4), 88), ("small", (4, 7, 10), 232),
                                                    ("medium", (4, 10, 14), 344), ("full", (4, 10, 15), 472)])
 def test_offline_variants_follow_the_feature_widths(variant, blocks, dim_2d):
     cfg = cfm_config(variant, extractor_2d="efficientnet-lite0", extractor_3d="fpfh")
@@ -54,7 +54,7 @@ def test_colour_channels_are_each_cells_mean_colour_repeated():
     assert torch.allclose(colour[:3], colour[3:])  # repeated, so colour weighs 6 channels
     assert colour[0, 0, 0] == 2.0 and colour[0, 0, 1] == 0.0 and colour[2, 0, -1] == -1.0 and colour[2, 0, 0] == 0.0
     cfg = cfm_config("tiny", colour_2d=6, **OFFLINE)
-    assert cfg.dim_2d == 126 and CFMModel(cfg).backbone_2d.out_dim == 126
+    assert cfg.dim_2d == 88 + 6 and CFMModel(cfg).backbone_2d.out_dim == 94
     with pytest.raises(ValueError, match="colour_2d must be a multiple of 3"):
         cfm_config("tiny", colour_2d=4, **OFFLINE)
 
@@ -150,7 +150,9 @@ def test_token_stride_4_gives_the_finer_grid_and_is_checked():
     assert tokens.shape == (1, 88, R // 4, R // 4) and amap.shape == (1, R, R) and torch.isfinite(score).all()
     (part,) = [p for p in methods.get("cfm").dense_parts(cfg) if p.path == "backbone_2d"]
     assert part.output[1] == [1, 88, R // 4, R // 4]
-    assert cfm_config("tiny", **OFFLINE).token_stride == 8  # the default, as the ViT's grid
+    assert cfm_config("tiny", **OFFLINE).token_stride == 4  # tiny's own blocks come with the R/4 grid
+    assert cfm_config("small", **OFFLINE).token_stride == 8  # the ViT's grid
+    assert cfm_config("tiny", blocks_2d=(4, 7), **OFFLINE).token_stride == 8  # explicit blocks: R/8 unless told
     with pytest.raises(ValueError, match="token_stride"):
         cfm_config("tiny", token_stride=2, **OFFLINE)
     with pytest.raises(ValueError, match="token_stride"):
