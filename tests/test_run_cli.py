@@ -364,3 +364,15 @@ def test_an_outdated_demo_bundle_is_rebuilt_and_a_users_own_bundle_is_not(model_
 
     update_manifest(own, demo=None)
     assert store.resolve_model("cfm-small") == own and len(calls) == 4
+
+
+def test_bench_table_reports_overhead_against_nominal_and_own_model_time():
+    from edge_runtime.cli.run import bench_table
+
+    lat = {"e2e": {"p50": 1.0, "p99": 2.0}, "stage": {k: {"p50": 0.0} for k in ("capture", "preprocess", "infer", "alert")},
+           "queue_wait": {"infer": {"p50": 0.0}}, "infer_steps": {"noop": {"mean": 61.0, "p50": 61.0}}}
+    summary = {"latency_ms": lat, "throughput_fps": 1000.0 / 64.0, "detector": "noop", "config": {"synth_size": 64}}
+    row = {"name": "no-op, 60 ms model", "workers": 1, "backend_options": {"delay_ms": 60.0}}
+    line = bench_table([(row, summary)]).splitlines()[2]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[4:8] == ["64.00", "4.00 (6.7 %)", "61.00", "3.00 (4.9 %)"]
