@@ -7,8 +7,17 @@ so jobs can run in separate processes and ``--report`` assembles whatever is the
 
     python scripts/dbrn_results.py --data /tmp/synth --jobs puck:rgb+3d box:rgb+3d --epochs 25
     python scripts/dbrn_results.py --tire /path/to/mvtec3d/tire --jobs tire:rgb --epochs 25
+    python scripts/dbrn_results.py --data /tmp/synth --epochs 60 --diagnose cookie:rgb+3d=/tmp/m/cookie_rgb3d.pt
     python scripts/dbrn_results.py --report            # runs/dbrn/*.json -> docs/_parts/results_dbrn.md
     python scripts/dbrn_results.py --picture           # docs/img/dbrn_simulation.png
+
+``--diagnose JOB=PATH`` takes a model saved by ``--save-model`` and writes
+``runs/dbrn_diag/<job>.json``: detection of simulated defects on the good test images,
+the trained discriminator with a perfect (oracle) reconstruction, and, per real defect
+type, how strong the defect is and what the reconstruction does to it (the station
+re-renders each defective part without its defect, so --data must be the
+``edge-synth --size 160 --seed 0`` dataset with 40 good / 10 per type test images);
+``--report`` adds them as the "Diagnosis" subsection.
 
 The synthetic data is ``edge-synth --size 160 --categories puck box cookie --train 40
 --val 10 --test-good 12 --test-defect 5`` (12 good + 25 defective test images per
@@ -115,6 +124,11 @@ def evaluate(model: DBRNModel, refs, cfg, preprocessing: dict, multiscale: bool,
 RECIPES: dict[str, dict] = {
     "cpu": {},
     "v1": {"config": {"score_pool": 9}, "settings": {"focal_alpha": (0.25, 0.75), "sim": {}}},
+    # round 3: the depth simulation closer to the station's dents / bumps (fainter textured
+    # blends, and half of the depth defects a smooth raised-cosine relief of peak 0.02..0.15)
+    "v3": {"settings": {"sim": {"min_lattice_log2": 2, "max_lattice_log2": 5, "rgb_strength": (0.2, 1.0),
+                                "depth_strength": (0.05, 0.5), "p_smooth_depth": 0.5,
+                                "smooth_depth_amp": (0.02, 0.15)}}},
 }
 
 
@@ -161,6 +175,7 @@ def run_job(job: str, args) -> dict:
     if args.loss_plot_dir and hist["epoch"]:
         plot_losses(hist, Path(args.loss_plot_dir) / f"dbrn_losses_{tag}.png", f"DBRN {modality} on {cat}")
     res = {"job": job, "recipe": args.recipe, "category": cat, "modality": modality, "texture": texture,
+           "data": str(args.tire if cat == "tire" else args.data),
            "epochs": settings.epochs, "settings": {k: v for k, v in asdict(settings).items() if k != "checkpoint_path"},
            "score_pool": cfg.score_pool, "saved": saved.get(job),
            "n_train": len(data), "resolution": cfg.resolution, "train_seconds": hist["seconds"],
@@ -201,14 +216,85 @@ TYPES = ("color", "dent", "bump", "crack", "hole")
 
 def _cmd(r: dict) -> str:
     """The command line that produced one run (as the docs quote it)."""
-    src = "--tire /work/shared/data/mvtec3d-tire-rgb/tire" if r["category"] == "tire" else "--data /tmp/dbrn_synth2"
+    src = ("--tire /work/shared/data/mvtec3d-tire-rgb/tire" if r["category"] == "tire"
+           else f"--data {r.get('data', '/tmp/dbrn_synth2')}")
     rec = "" if r.get("recipe", "cpu") == "cpu" else f" --recipe {r['recipe']}"
     saved = f" --saved {r['job']}={r['saved']}" if r.get("saved") else ""
     passes = f" --dropout-passes {r['random_dropout']['passes']}" if "random_dropout" in r else ""
     return f"python scripts/dbrn_results.py {src}{rec} --jobs {r['job']} --epochs {r['epochs']}{saved}{passes}"
 
 
-def report(runs_dir: Path, out: Path) -> None:
+def _diag_cmd(d: dict) -> str:
+    rec = "" if d.get("recipe", "cpu") == "cpu" else f" --recipe {d['recipe']}"
+    ep = f" --epochs {d['epochs']}" if d.get("epochs") else ""
+    return f"python scripts/dbrn_results.py --data /tmp/dbrn_synth2{rec}{ep} --diagnose {d['job']}={d['model']}"
+
+
+def diagnosis_lines(diag_dir: Path | None) -> list[str]:
+    """The "Diagnosis" subsection from ``--diagnose`` JSON files (empty when there are none)."""
+    diags = [json.loads(p.read_text()) for p in sorted(diag_dir.glob("*.json"))] if diag_dir and diag_dir.is_dir() else []
+    if not diags:
+        return []
+    name = lambda d: f"{d['job'].split(':')[0]} {d['job'].split(':')[1]} ({d.get('recipe', 'cpu')}, {d.get('epochs')} epochs)"  # noqa: E731
+    lines = ["### Diagnosis (`--diagnose`)", "",
+             "(a) Simulated defects (the `cpu` profile's simulation, every sample anomalous, `mixed` textures, "
+             "seeded) pasted on the 40 good test images, scored against the same 40 images clean: does the "
+             "discriminator learn its own training task? Probabilities = mean of the map (MS).", "",
+             "Oracle = the real test set with a perfect reconstruction: the discriminator is given the "
+             "defect-free render of the same part as every scale's reconstruction (a good image: itself), so "
+             "its pair differs exactly inside the gt (an upper bound on what a better reconstruction could "
+             "give this discriminator).", "",
+             "| model | simulated I-AUROC | simulated P-AUROC on the part | prob. in the simulated defect | "
+             "prob. elsewhere on the part | oracle I-AUROC | oracle P-AUROC on the part | "
+             "oracle I-AUROC color / dent / bump / crack / hole | command |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in diags:
+        a, o = d["diagnosis"]["simulated"], d["diagnosis"].get("oracle", {})
+        per = " / ".join(_f(o.get("per_type", {}).get(t)) for t in TYPES) if o else "-"
+        lines.append(f"| {name(d)} | {_f(a['i_auroc'])} | {_f(a['p_auroc_fg'])} | {_f(a['prob_defect'])} | "
+                     f"{_f(a['prob_part'])} | {_f(o.get('i_auroc'))} | {_f(o.get('p_auroc_fg'))} | {per} | "
+                     f"`{_diag_cmd(d)}` |")
+    lines += ["", "(b) The real test defects against the defect-free render of the same part (the station renders "
+              "it exactly; identical outside the gt), in the branch that sees the defect (depth for dent / bump, "
+              "else RGB), medians over each type's 10 images: mean |input - clean| inside the gt (how strong "
+              "the defect is), |reconstruction - clean| (did the reconstruction remove it: small = yes), "
+              "|input - reconstruction| inside the gt and elsewhere on the part (the contrast the discriminator "
+              "gets), and the map's mean probability inside the gt and elsewhere on the part. `good`: mean "
+              "|input - reconstruction| on the part of the good test images (rgb / depth).", "",
+              "| model | type | branch | \\|x - clean\\| in gt | \\|rec - clean\\| in gt | \\|x - rec\\| in gt | "
+              "\\|x - rec\\| elsewhere | prob. in gt | prob. elsewhere |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in diags:
+        g = d["diagnosis"].get("good", {})
+        lines.append(f"| {name(d)} | good | rgb / depth | | | | {_f(g.get('res_rgb'))} / {_f(g.get('res_depth'))} | | "
+                     f"{_f(g.get('prob_part'))} |")
+        for t in TYPES:
+            x = d["diagnosis"].get(t)
+            if x:
+                lines.append(f"| {name(d)} | {t} | {x['branch']} | {_f(x['input_vs_clean'])} | {_f(x['rec_vs_clean'])} | "
+                             f"{_f(x['res_defect'])} | {_f(x['res_part'])} | {_f(x['prob_defect'])} | "
+                             f"{_f(x['prob_part'])} |")
+    mags = {d["job"].split(":")[0]: d["magnitudes"] for d in diags if d.get("magnitudes")}
+    if mags:
+        lines += ["", "(c) Real vs simulated defects in the model's inputs (128 px, the trained model's depth "
+                  "normalisation): gt area in pixels, mean |change| inside the gt of the RGB (largest channel) and "
+                  "of the normalised depth (good surface in [0.2, 0.8]). Simulated: 200 simulations (the `cpu` "
+                  "profile's, and the `v3` recipe's) on the first 10 training images (median; p10 in brackets). Same figures in every model of a "
+                  "category (they depend on the data and the depth constants only).", "",
+                  "| category | defect | n | area px | \\|d rgb\\| | \\|d depth\\| |", "|---|---|---|---|---|---|"]
+        for cat, m in sorted(mags.items()):
+            for t in TYPES:
+                if t in m:
+                    lines.append(f"| {cat} | {t} | {m[t]['n']} | {m[t]['area_px']:.0f} | {_f(m[t]['d_rgb'])} | "
+                                 f"{_f(m[t]['d_depth'])} |")
+            for label in [k for k in m if k.startswith("simulated")]:
+                sm = m[label]
+                lines.append(f"| {cat} | {label} | {sm['n']} | {sm['area_px']:.0f} ({sm['area_px_p10']:.0f}) | "
+                             f"{_f(sm['d_rgb'])} ({_f(sm['d_rgb_p10'])}) | {_f(sm['d_depth'])} "
+                             f"({_f(sm['d_depth_p10'])}) |")
+    lines.append("")
+    return lines
+
+
+def report(runs_dir: Path, out: Path, diag_dir: Path | None = None) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     for r in runs:
         r.setdefault("recipe", "cpu")
@@ -232,19 +318,21 @@ def report(runs_dir: Path, out: Path) -> None:
              "strength: RGB 0.2..1, depth 0.1..1 of the full blend, focal class weights 0.05 / 0.95, image "
              "score = raw maximum of the map over the part); `v1` = the profile before (blobs 2^0..2^4 cells, "
              "full-strength blends, focal weights 0.25 / 0.75, score = maximum of the 9 x 9 box-filtered "
-             "map).", ""]
+             "map); `v3` = `cpu` with the depth simulation made closer to the station's dents / bumps (textured "
+             "depth blends at 0.05..0.5 of full strength instead of 0.1..1, and half of the depth defects a "
+             "smooth raised-cosine relief of peak 0.02..0.15 normalised depth; tried in round 3, not adopted).", ""]
     syn = [r for r in runs if r["category"] != "tire"]
     mask_only = {r["category"]: r["multiscale"]["p_auroc_mask_only"] for r in syn  # depends on the data only
                  if r["modality"] != "rgb" and r["multiscale"].get("p_auroc_mask_only") is not None}
     if syn:
         lines += ["### Synthetic station", "",
-                  "| category | modality | recipe | texture | epochs | train min | test good/defective | I-AUROC MS | "
+                  "| category | modality | recipe | texture | epochs | train images | train min | test good/defective | I-AUROC MS | "
                   "I-AUROC SS | P-AUROC MS | P-AUROC fg MS | AUPRO@30% MS | P-AUROC of the bare part mask | command |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(syn, key=key):
             m, s = r["multiscale"], r["single"]
             lines.append(f"| {r['category']} | {r['modality']} | {r['recipe']} | {r['texture']} | {r['epochs']} | "
-                         f"{_min(r)} | {m['n_good']}/{m['n_defect']} | {_f(m['i_auroc'])} | "
+                         f"{r['n_train']} | {_min(r)} | {m['n_good']}/{m['n_defect']} | {_f(m['i_auroc'])} | "
                          f"{_f(s['i_auroc'])} | {_f(m['p_auroc'])} | {_f(m.get('p_auroc_fg'))} | "
                          f"{_f(m['aupro30'])} | "
                          f"{_f(mask_only.get(r['category']) if r['modality'] != 'rgb' else None)} | "
@@ -319,6 +407,7 @@ def report(runs_dir: Path, out: Path) -> None:
         for k, v in PAPER_TIRE.items():
             lines.append(f"| {k} (paper, Table I) | | | | {v:.3f} | | | | |")
         lines.append("")
+    lines += diagnosis_lines(diag_dir)
     # the hand-written findings below the marker survive a rebuild
     marker = "<!-- findings (hand-written; kept by --report) -->"
     if out.exists() and marker in out.read_text():
@@ -326,6 +415,179 @@ def report(runs_dir: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+
+def _gt_small(gt, r: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize((np.asarray(gt) > 0).astype(np.float32), (r, r), interpolation=cv2.INTER_AREA) > 0.25
+
+
+def _forward_parts(model: DBRNModel, inp: dict):
+    """(image score, anomaly map R x R, {branch: full-size reconstruction C x R x R})."""
+    with torch.no_grad():
+        x = {k: torch.from_numpy(v)[None] for k, v in inp.items()}
+        recs = {b: model.reconstructor(b)(x[b]) for b in model.branches}
+        amap = model.discriminate(x, recs).mean(1)
+        sc = model.score(amap, x.get("fg") if "depth" in model.branches else None)
+    return float(sc[0]), amap[0].numpy(), {b: r[0, 0].numpy() for b, r in recs.items()}
+
+
+def defect_magnitudes(category: str, preprocessing: dict, resolution: int = 128, size: int = 160, n_good: int = 40,
+                      n_defect: int = 10, n_sim: int = 200, texture: str = "mixed", sims: dict | None = None) -> dict:
+    """How large and how strong the station's real defects are in the model's inputs, against
+    the simulated ones. Real: each test defect frame against the defect-free render of the
+    same part (``SynthStation(size, seed 0)``; identical outside the gt): gt area in pixels at
+    R, mean |change| of RGB (max over channels) and of the normalised depth inside the gt.
+    Simulated: ``n_sim`` cpu-profile simulations on the first training images, same figures
+    inside the mask."""
+    from edge_runtime.data.synth import SynthStation, dataset_plan
+    from edge_runtime.methods.dbrn.simulate import SimParams, simulate
+
+    st = SynthStation(size, 0, [category])
+    real: dict[str, list] = {}
+    for split, folder, idx, _ in dataset_plan(0, 0, n_good, n_defect):
+        if folder == "good":
+            continue
+        d, g = st.render(category, idx, "test", folder), st.render(category, idx, "test")
+        pd, pg = (preprocess_frame(x.rgb, x.xyz, "rgb+3d", resolution, preprocessing) for x in (d, g))
+        gt = _gt_small(d.gt, resolution)
+        if gt.any():
+            real.setdefault(folder, []).append((int(gt.sum()), float(np.abs(pd["rgb"] - pg["rgb"]).max(0)[gt].mean()),
+                                                float(np.abs(pd["depth"] - pg["depth"])[0][gt].mean())))
+    pre = [preprocess_frame(x.rgb, x.xyz, "rgb+3d", resolution, preprocessing)
+           for x in (st.render(category, i, "train") for i in range(10))]
+    pool = [p["rgb"].transpose(1, 2, 0) for p in pre]
+    found = {}
+    for label, sim_kw in (sims or {"simulated": settings_for("cpu").sim}).items():
+        sim = SimParams(**{**sim_kw, "texture_source": texture})
+        rows = []
+        for j in range(n_sim):
+            p = pre[j % len(pre)]
+            s = simulate(p["rgb"], p["depth"], p["fg"] > 0.5, np.random.default_rng([1, j]), sim, pool)
+            m = s["mask"] > 0.5
+            if m.any():
+                rows.append((int(m.sum()), float(np.abs(s["rgb"] - p["rgb"]).max(0)[m].mean()) if s["changed"]["rgb"] else None,
+                             float(np.abs(s["depth"] - p["depth"])[0][m].mean()) if s["changed"]["depth"] else None))
+        found[label] = rows
+
+    def med(v):
+        v = [x for x in v if x is not None]
+        return None if not v else float(np.median(v))
+
+    def p10(v):
+        v = [x for x in v if x is not None]
+        return None if not v else float(np.percentile(v, 10))
+
+    out = {t: {"n": len(v), "area_px": med([x[0] for x in v]), "d_rgb": med([x[1] for x in v]),
+               "d_depth": med([x[2] for x in v])} for t, v in real.items()}
+    for label, sims_ in found.items():
+        out[label] = {"n": len(sims_), "area_px": med([x[0] for x in sims_]), "area_px_p10": p10([x[0] for x in sims_]),
+                      "d_rgb": med([x[1] for x in sims_]), "d_rgb_p10": p10([x[1] for x in sims_]),
+                      "d_depth": med([x[2] for x in sims_]), "d_depth_p10": p10([x[2] for x in sims_])}
+    return out
+
+
+def diagnose(model: DBRNModel, cfg: DBRNConfig, preprocessing: dict, category: str, size: int = 160,
+             n_good: int = 40, n_defect: int = 10, texture: str = "mixed") -> dict:
+    """Why a model does (not) detect: (a) simulated defects (the cpu profile's simulation,
+    every sample anomalous) on the good test images against the same images clean:
+    I-AUROC, P-AUROC on the part, mean probability inside the defect / elsewhere on the part;
+    (b) the real test defects: mean |reconstruction - defect-free render| and |input -
+    reconstruction| inside the gt against |input - reconstruction| elsewhere on the part,
+    mean probability inside the gt / elsewhere on the part; good images: mean |input -
+    reconstruction| on the part."""
+    from edge_runtime.data.synth import SynthStation, dataset_plan
+    from edge_runtime.methods.dbrn.simulate import SimParams, simulate
+
+    r = cfg.resolution
+    st = SynthStation(size, 0, [category])
+    plan = dataset_plan(0, 0, n_good, n_defect)
+    pool = [preprocess_frame(x.rgb, x.xyz, cfg.modality, r, preprocessing)["rgb"].transpose(1, 2, 0)
+            for x in (st.render(category, i, "train") for i in range(10))] if "rgb" in cfg.branches else None
+    p_mod = (0.0, 1 / 3, 1 / 3, 1 / 3) if len(cfg.branches) == 2 else (0.0, 1.0, 1.0, 0.0)
+    sim = SimParams(**{**settings_for("cpu").sim, "texture_source": texture, "p_modality": p_mod})
+    sc, lab, maps, gts, fgs = [], [], [], [], []
+    for j in range(n_good):
+        g = st.render(category, j, "test")
+        p = preprocess_frame(g.rgb, g.xyz, cfg.modality, r, preprocessing)
+        fg = p["fg"] > 0.5 if "fg" in p else np.ones((r, r), bool)
+        s = simulate(p.get("rgb"), p.get("depth"), fg, np.random.default_rng([99, j]), sim, pool)
+        q = {**p, **{k: s[k] for k in ("rgb", "depth") if s[k] is not None}}
+        for inp, gt in ((p, np.zeros((r, r), bool)), (q, s["mask"] > 0.5)):
+            s0, a0, _ = _forward_parts(model, inp)
+            sc.append(s0)
+            lab.append(int(gt.any()))
+            maps.append(a0)
+            gts.append(gt)
+            fgs.append(fg)
+    maps_a, gts_a, fg_a = np.stack(maps), np.stack(gts), np.stack(fgs)
+    out = {"simulated": {"i_auroc": image_auroc(sc, lab), "p_auroc_fg": pixel_auroc(maps_a[fg_a][None], gts_a[fg_a][None]),
+                         "prob_defect": float(maps_a[gts_a].mean()), "prob_part": float(maps_a[fg_a & ~gts_a].mean())}}
+    rows: dict[str, list] = {}
+    for split, folder, idx, _ in plan:
+        d = st.render(category, idx, "test", None if folder == "good" else folder)
+        pd = preprocess_frame(d.rgb, d.xyz, cfg.modality, r, preprocessing)
+        fg = pd["fg"] > 0.5 if "fg" in pd else np.ones((r, r), bool)
+        _, a, rec = _forward_parts(model, pd)
+        if folder == "good":
+            rows.setdefault("good", []).append({f"res_{b}": float(np.abs(rec[b] - pd[b]).mean(0)[fg].mean()) for b in rec}
+                                               | {"prob_part": float(a[fg].mean())})
+            continue
+        gt = _gt_small(d.gt, r)
+        if not gt.any():
+            continue
+        pg = preprocess_frame(*(lambda x: (x.rgb, x.xyz))(st.render(category, idx, "test")), cfg.modality, r, preprocessing)
+        b = "depth" if folder in ("dent", "bump") and "depth" in rec else ("rgb" if "rgb" in rec else "depth")
+        err = lambda u, v: np.abs(u - v).mean(0)  # noqa: E731
+        rows.setdefault(folder, []).append({"branch": b, "rec_vs_clean": float(err(rec[b], pg[b])[gt].mean()),
+                                            "input_vs_clean": float(err(pd[b], pg[b])[gt].mean()),
+                                            "res_defect": float(err(rec[b], pd[b])[gt].mean()),
+                                            "res_part": float(err(rec[b], pd[b])[fg & ~gt].mean()),
+                                            "prob_defect": float(a[gt].mean()), "prob_part": float(a[fg & ~gt].mean())})
+    for t, v in rows.items():
+        out[t] = {k: (v[0][k] if k == "branch" else float(np.median([x[k] for x in v]))) for k in v[0]}
+    out["oracle"] = oracle_reconstruction(model, cfg, preprocessing, category, size, n_good, n_defect)
+    return out
+
+
+def oracle_reconstruction(model: DBRNModel, cfg: DBRNConfig, preprocessing: dict, category: str, size: int = 160,
+                          n_good: int = 40, n_defect: int = 10) -> dict:
+    """The trained discriminator given a perfect reconstruction: every scale's "reconstruction"
+    is the defect-free render of the same part (for a good image: the image itself), so the pair
+    differs exactly inside the gt. I-AUROC, P-AUROC on the part and I-AUROC per type: an upper
+    bound on what a better reconstruction could give this discriminator."""
+    from edge_runtime.data.synth import SynthStation, dataset_plan
+
+    r = cfg.resolution
+    st = SynthStation(size, 0, [category])
+    sc, lab, types, maps, gts, fgs = [], [], [], [], [], []
+    for split, folder, idx, _ in dataset_plan(0, 0, n_good, n_defect):
+        d = st.render(category, idx, "test", None if folder == "good" else folder)
+        pd = preprocess_frame(d.rgb, d.xyz, cfg.modality, r, preprocessing)
+        pg = pd if folder == "good" else preprocess_frame(*(lambda x: (x.rgb, x.xyz))(st.render(category, idx, "test")),
+                                                           cfg.modality, r, preprocessing)
+        x = {k: torch.from_numpy(v)[None] for k, v in pd.items()}
+        recs = {b: torch.from_numpy(pg[b])[None, None].expand(1, cfg.n_scales if model.multiscale else 1, *pg[b].shape)
+                for b in model.branches}
+        with torch.no_grad():
+            amap = model.discriminate(x, recs).mean(1)
+            s = model.score(amap, x.get("fg") if "depth" in model.branches else None)
+        fg = pd["fg"] > 0.5 if "fg" in pd else np.ones((r, r), bool)
+        sc.append(float(s[0]))
+        lab.append(int(folder != "good"))
+        types.append(folder)
+        maps.append(amap[0].numpy())
+        gts.append(_gt_small(d.gt, r) if folder != "good" else np.zeros((r, r), bool))
+        fgs.append(fg)
+    maps_a, gts_a, fg_a = np.stack(maps), np.stack(gts), np.stack(fgs)
+    per = {t: image_auroc([sc[i] for i in range(len(sc)) if types[i] in (t, "good")],
+                          [lab[i] for i in range(len(sc)) if types[i] in (t, "good")]) for t in TYPES if t in types}
+    return {"i_auroc": image_auroc(sc, lab), "p_auroc_fg": pixel_auroc(maps_a[fg_a][None], gts_a[fg_a][None]),
+            "per_type": per}
 
 
 # --------------------------------------------------------------------------- picture
@@ -342,7 +604,7 @@ def picture(data_root: Path, out: Path, category: str = "cookie", n: int = 6, re
     cfg = config_for("cpu", "rgb+3d", {"resolution": resolution})
     data = prepare_data([r.load() for r in ds.index(category, "train")[:8]], cfg)
     tiles = []
-    names = {None: "-", 0: "translucent", 1: "opaque", 2: "fill"}
+    names = {None: "-", 0: "translucent", 1: "opaque", 2: "fill", 3: "smooth relief"}
     for i in range(n):
         rng = np.random.default_rng([7, i])
         j = i % len(data)
@@ -461,6 +723,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "dbrn")
     p.add_argument("--save-model", type=Path, default=None)
     p.add_argument("--loss-plot-dir", type=Path, default=None)
+    p.add_argument("--diagnose", nargs="*", default=[], metavar="JOB=PATH",
+                   help="diagnose the model saved at PATH (--save-model): simulated-defect detection, "
+                        "reconstruction of real defects, defect magnitudes -> --diag-runs DIR/<job>.json")
+    p.add_argument("--diag-runs", type=Path, default=ROOT / "runs" / "dbrn_diag")
     p.add_argument("--report", action="store_true")
     p.add_argument("--picture", action="store_true")
     p.add_argument("--bench", action="store_true", help="CPU ms per frame and stage -> docs/_parts/benchmarks_dbrn.md")
@@ -477,10 +743,28 @@ def main(argv=None) -> int:
         m, s = res["multiscale"], res["single"]
         print(f"{job}: I-AUROC MS {m['i_auroc']:.3f} SS {s['i_auroc']:.3f}  P-AUROC MS {m['p_auroc']:.3f}  "
               f"train {_min(res)} min", flush=True)
+    for spec in args.diagnose:
+        job, path = spec.split("=", 1)
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = DBRNConfig.from_dict(st["config"])
+        model = DBRNModel(cfg)
+        model.load_state_dict(st["state"])
+        model.eval()
+        cat = job.split(":")[0]
+        res = {"job": job, "recipe": args.recipe, "model": path, "epochs": args.epochs,
+               "diagnosis": diagnose(model, cfg, st["preprocessing"], cat)}
+        if "depth" in cfg.branches:
+            res["magnitudes"] = defect_magnitudes(cat, st["preprocessing"], cfg.resolution, sims={
+                "simulated (cpu)": settings_for("cpu").sim,
+                "simulated (v3)": RECIPES["v3"]["settings"]["sim"]})
+        args.diag_runs.mkdir(parents=True, exist_ok=True)
+        tag = job_tag(job, args.recipe) + (f"_e{args.epochs}" if args.epochs else "")
+        (args.diag_runs / f"{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["diagnosis"], indent=1), flush=True)
     if args.picture:
         picture(args.data, ROOT / "docs" / "img" / "dbrn_simulation.png")
     if args.report:
-        report(args.runs, args.out)
+        report(args.runs, args.out, args.diag_runs)
     if args.bench:
         bench(ROOT / "docs" / "_parts" / "benchmarks_dbrn.md", args.bench_threads)
     return 0

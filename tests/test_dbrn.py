@@ -380,3 +380,58 @@ def test_method_preprocessor_and_valid_mask(synth_samples):
     assert m.valid_mask(rgb_inp, (16, 16), rgb_man).all()
     names = [p.path for p in m.dense_parts(_tiny("3d"))]
     assert names == ["rec_depth", "discriminator"]
+
+
+def test_results_script_diagnosis_and_report(tmp_path):
+    """scripts/dbrn_results.py --diagnose helpers on a tiny untrained model, and the report's section."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "dbrn_results.py"
+    spec = importlib.util.spec_from_file_location("dbrn_results_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = _tiny()
+    torch.manual_seed(0)
+    model = DBRNModel(cfg).eval()
+    pp = {"fg_threshold_m": 0.002, "height_scale_m": 0.009}
+    d = mod.diagnose(model, cfg, pp, "puck", size=64, n_good=2, n_defect=1)
+    assert 0.0 <= d["simulated"]["i_auroc"] <= 1.0 and 0.0 <= d["simulated"]["prob_part"] <= 1.0
+    assert {"good", "dent", "color"} <= set(d) and d["dent"]["branch"] == "depth" and d["color"]["branch"] == "rgb"
+    assert d["dent"]["input_vs_clean"] > 0 and d["color"]["input_vs_clean"] > 0
+    m = mod.defect_magnitudes("puck", pp, resolution=32, size=64, n_good=1, n_defect=1, n_sim=8)
+    assert m["color"]["d_depth"] == 0.0 and m["dent"]["d_rgb"] == 0.0 and m["simulated"]["n"] > 0
+    (tmp_path / "diag").mkdir()
+    (tmp_path / "diag" / "puck.json").write_text(json.dumps(
+        {"job": "puck:rgb+3d", "recipe": "cpu", "model": "m.pt", "epochs": 3, "diagnosis": d, "magnitudes": m}))
+    text = "\n".join(mod.diagnosis_lines(tmp_path / "diag"))
+    assert "### Diagnosis" in text and "--diagnose puck:rgb+3d=m.pt" in text and "| puck | simulated |" in text
+    assert mod.diagnosis_lines(tmp_path / "none") == []
+
+
+def test_smooth_depth_relief():
+    from edge_runtime.methods.dbrn.simulate import smooth_relief
+
+    r = 40
+    fg = np.zeros((r, r), bool)
+    fg[5:35, 5:35] = True
+    depth = np.full((1, r, r), LOW, np.float32)
+    depth[0][fg] = 0.6
+    mask = np.zeros((r, r), bool)
+    mask[10:24, 12:26] = True
+    out = smooth_relief(depth.transpose(1, 2, 0), mask, np.random.default_rng(0), (0.05, 0.05))[..., 0]
+    change = out - depth[0]
+    assert not change[~mask].any() and abs(np.abs(change).max() - 0.05) < 1e-6
+    assert np.abs(change[10, 12]) < np.abs(change[17, 19])  # zero-ish at the rim, largest inside
+    sim = SimParams(p_modality=(0, 0, 1, 0), p_smooth_depth=1.0, smooth_depth_amp=(0.03, 0.1))
+    seen = 0
+    for seed in range(12):
+        s = simulate(None, depth, fg, np.random.default_rng(seed), sim)
+        if s["changed"]["depth"]:
+            seen += 1
+            d = np.abs(s["depth"] - depth)[0]
+            assert s["scenario"]["depth"] == 3 and d.max() <= 0.1 + 1e-6 and not (d[s["mask"] == 0] > 0).any()
+    assert seen > 6
+    # off by default: the paper's blend, same draws as before the option existed
+    assert SimParams().p_smooth_depth == 0.0

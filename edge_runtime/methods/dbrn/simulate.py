@@ -35,6 +35,12 @@ constant, so the constants here are ours and named in ``SimParams``):
   profile uses (0.2, 1) for RGB and (0.1, 1) for depth, and Perlin lattices of 2^2..2^5
   cells instead of 2^0..2^4 (smaller blobs on a part that fills a quarter of the frame).
 
+* Smooth depth reliefs (ours, off by default): with probability ``p_smooth_depth`` a depth
+  defect is instead a smooth dent or bump inside M (``smooth_relief``: a raised-cosine
+  profile of the distance to the mask's rim, peak |change| ~ U[``smooth_depth_amp``],
+  scenario 3), because the station's dents / bumps change the normalised depth by only
+  ~0.02 on average inside their footprint while a textured blend changes it by ~0.1.
+
 The ground truth is M when at least one modality was changed, else all zeros.
 """
 
@@ -64,6 +70,8 @@ class SimParams:
     tries: int = 4
     rgb_strength: tuple[float, float] = (1.0, 1.0)
     depth_strength: tuple[float, float] = (1.0, 1.0)
+    p_smooth_depth: float = 0.0  # ours: share of depth defects drawn as smooth dents / bumps (0 = paper)
+    smooth_depth_amp: tuple[float, float] = (0.02, 0.15)  # their peak |change| (normalised depth)
 
 
 # --------------------------------------------------------------------------- noise and masks
@@ -246,6 +254,21 @@ def _weaken(before: np.ndarray, after: np.ndarray, strength: tuple[float, float]
     return (before + k * (after - before)).astype(np.float32)
 
 
+def smooth_relief(depth: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                  amp: tuple[float, float] = (0.02, 0.15)) -> np.ndarray:
+    """A smooth dent or bump inside ``mask`` (ours, not the paper's): the depth map (H x W x 1)
+    plus / minus a ~ U[amp] times a profile that is 0 at the mask's rim and 1 at its most
+    interior pixel (a raised cosine of the distance to the rim), so the change is a smooth
+    relief like the station's 0.5-2.5 mm dents and bumps rather than a textured blend."""
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    top = float(dist.max())
+    if top <= 0:
+        return depth
+    w = 0.5 - 0.5 * np.cos(np.pi * np.clip(dist / top, 0.0, 1.0))
+    a = np.float32(rng.uniform(*amp)) * np.float32(1.0 if rng.random() < 0.5 else -1.0)
+    return np.clip(depth + a * w[..., None].astype(np.float32), 0, 1).astype(np.float32)
+
+
 def simulate(rgb: np.ndarray | None, depth: np.ndarray | None, fg: np.ndarray, rng: np.random.Generator,
              params: SimParams = SimParams(), pool: list[np.ndarray] | None = None) -> dict:
     """A simulated training sample from one good one.
@@ -281,7 +304,12 @@ def simulate(rgb: np.ndarray | None, depth: np.ndarray | None, fg: np.ndarray, r
             img = _weaken(rgb.transpose(1, 2, 0), img, params.rgb_strength, rng)
             out["rgb"] = np.ascontiguousarray(img.transpose(2, 0, 1))
             changed["rgb"] = True
-        if want["depth"]:
+        if want["depth"] and params.p_smooth_depth > 0 and rng.random() < params.p_smooth_depth:
+            img = smooth_relief(depth.transpose(1, 2, 0), mask, rng, params.smooth_depth_amp)
+            scenario["depth"] = 3
+            out["depth"] = np.ascontiguousarray(img.transpose(2, 0, 1))
+            changed["depth"] = True
+        elif want["depth"]:
             grey = cv2.cvtColor(tex, cv2.COLOR_RGB2GRAY)
             grey = (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-6)
             img, scenario["depth"] = blend(depth.transpose(1, 2, 0), mask, grey[..., None], rng, params, depth=True)
