@@ -41,9 +41,12 @@ PAPER_TIRE = (  # image AUROC on MVTec 3D-AD tire, the papers' own numbers
 )
 
 # name -> run_one keywords: the tire variants tried ("options": fit's RGB-only options; None: the profile's)
-PAPER_FRAME = {"roi": None, "rgb_foreground": False, "border": 0}  # the paper's whole frame, every cell
+PAPER_FRAME = {"roi": None, "rgb_foreground": False, "border": 0, "border_train": False}  # the whole frame, every cell
+BORDER_TRAIN = {"roi": "auto", "rgb_foreground": False, "border": 1, "border_train": True}  # ring trained, not scored
+BORDER_LOSS = {**BORDER_TRAIN, "border_train": False}  # the ring out of the losses too (the default before)
+OPTION_KEYS = ("roi", "rgb_foreground", "border", "border_train")
 TIRE_RUNS: dict[str, dict] = {
-    # the cpu profile for rgb: Lite0 block 14 at 768 px, roi auto, border 1, width 128, 10 + 40 epochs, top3
+    # the cpu profile for rgb: Lite0 block 14 at 768 px, roi auto, border 1 (trained on), width 128, 10 + 40, top3
     "cpu": {},
     # the cpu profile before (all modalities' fields): Lite0 block 10 at 384 px, width 256, 20 + 20, whole frame
     "cpu-b10-384": {"epochs": 20, "student_epochs": 20, "options": PAPER_FRAME,
@@ -52,13 +55,21 @@ TIRE_RUNS: dict[str, dict] = {
                 "overrides": {"student_width": 128, "out_blocks": (10,), "image_size": 384}},
     "reduced-b14-768": {"epochs": 10, "student_epochs": 10, "options": PAPER_FRAME,
                         "overrides": {"student_width": 128, "out_blocks": (14,), "image_size": 768}},
+    # the outer ring trained on, left out of the score only (--border-train yes, the cpu default since this
+    # round; "cpu" is the same run), seeds, train + validation; and the default before (the ring out of the losses)
+    "cpu-bt": {"options": BORDER_TRAIN},
+    "cpu-bt-s1": {"options": BORDER_TRAIN, "seed": 1},
+    "cpu-bt-s2": {"options": BORDER_TRAIN, "seed": 2},
+    "cpu-bt-trval": {"options": BORDER_TRAIN, "splits": ("train", "validation")},
+    "cpu-border-loss": {"options": BORDER_LOSS},
+    "cpu-border-loss-s1": {"options": BORDER_LOSS, "seed": 1},
 }
 
 
 def run_one(args, name: str, data: Path, category: str, modality: str, profile: str = "cpu",
             backbone: str | None = None, spec: str | None = None, epochs: int | None = None,
             student_epochs: int | None = None, overrides: dict | None = None, shots: int | None = None,
-            options: dict | None = None) -> dict:
+            options: dict | None = None, seed: int = 0, splits: tuple[str, ...] = ("train",)) -> dict:
     """Train + evaluate one configuration (cached as ``--work/NAME.json``)."""
     out = args.work / f"{name}.json"
     if out.is_file():
@@ -71,15 +82,15 @@ def run_one(args, name: str, data: Path, category: str, modality: str, profile: 
     from train.ast_trainer import TrainSettings, evaluate, fit
 
     torch.set_num_threads(args.threads)
-    cfg = profile_config(profile, modality, backbone=backbone, **(overrides or {}))
+    cfg = profile_config(profile, modality, backbone=backbone, **{"seed": seed, **(overrides or {})})
     spec = spec or (f"efficientnet-{cfg.backbone}" if cfg.uses_rgb else None)
     ds = MVTec3D(data)
-    refs = ds.index(category, "train")
+    refs = [r for split in splits for r in ds.index(category, split) if int(r.label) == 0]
     if shots:
         refs = few_shot(refs, shots)
     ps = profile_settings(profile, modality)
     settings = TrainSettings(epochs=epochs or ps["epochs"],
-                             student_epochs=student_epochs or (None if epochs else ps["student_epochs"]))
+                             student_epochs=student_epochs or (None if epochs else ps["student_epochs"]), seed=seed)
     options = dict(ps["options"] if options is None else options)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {modality} {cfg.backbone or 'depth'} {cfg.image_size if cfg.uses_rgb else ''}"
           f" width {cfg.student_width}, {settings.epochs} epochs, {len(refs)} train images", flush=True)
@@ -91,7 +102,8 @@ def run_one(args, name: str, data: Path, category: str, modality: str, profile: 
               "config": cfg.to_dict(), "extractor": spec, "training": {k: v for k, v in fields["training"].items()
                                                                         if not k.endswith("_losses")},
               "final_losses": [fields["training"]["teacher_losses"][-1], fields["training"]["student_losses"][-1]],
-              "options": {k: fields["preprocessing"].get(k) for k in ("roi", "rgb_foreground", "border")},
+              "options": {k: fields["preprocessing"].get(k) for k in OPTION_KEYS},
+              "seed": seed, "splits": list(splits),
               "train_cpu_s": round(t_cpu, 1)}
     ev = evaluate(model, fields["preprocessing"], test)
     for score in ("max", "mean", "top3"):
@@ -215,7 +227,11 @@ def section_tire(args) -> list[str]:
     for name, spec, r in rows:
         c = r["config"]
         o = r.get("options") or {}
-        opts = ", ".join(f"{k} {o[k]}" for k in ("roi", "rgb_foreground", "border") if o.get(k)) or "none (paper)"
+        opts = ", ".join(f"{k} {o[k]}" for k in OPTION_KEYS if o.get(k)) or "none (paper)"
+        if r.get("seed"):
+            opts += f", seed {r['seed']}"
+        if r.get("splits", ["train"]) != ["train"]:
+            opts += f", trained on {' + '.join(r['splits'])} ({r['training']['n_images']} images)"
         lines.append(f"| {name} | {c['backbone']} blocks {c['out_blocks']}, {c['image_size']} px | {opts} | "
                      f"{c['student_width']} | {r['training']['epochs']} + {r['training']['student_epochs']} | "
                      f"{_fmt(r['max']['i_auroc'])} | {_fmt(r['mean']['i_auroc'])} | "

@@ -386,15 +386,87 @@ def test_rgb_options_come_from_the_profile_or_the_flags():
 
     cfg, o = opts([])  # the cpu profile's rgb entry
     assert (cfg.out_blocks, cfg.image_size, cfg.image_score) == ((14,), 768, "top3")
-    assert o == {"roi": "auto", "rgb_foreground": False, "border": 1}
+    assert {k: o[k] for k in ("roi", "rgb_foreground", "border")} == {"roi": "auto", "rgb_foreground": False,
+                                                                      "border": 1}
+    assert o["border_train"] == PROFILES["cpu"]["rgb"]["options"].get("border_train", False)
+    assert opts(["--border-train", "yes"])[1]["border_train"] is True
+    assert opts(["--border-train", "no"])[1]["border_train"] is False
+    assert opts(["--border-cells", "0"])[1]["border_train"] is False  # no ring left out: nothing to train apart
+    with pytest.raises(ValueError, match="--border-train yes needs"):
+        opts(["--border-cells", "0", "--border-train", "yes"])
     assert profile_settings("cpu", "rgb")["student_epochs"] == PROFILES["cpu"]["rgb"]["student_epochs"]
     cfg, o = opts(["--roi", "none", "--border-cells", "0", "--rgb-foreground", "colour", "--image-score", "max"])
-    assert o == {"roi": None, "rgb_foreground": True, "border": 0} and cfg.image_score == "max"
+    assert o == {"roi": None, "rgb_foreground": True, "border": 0, "border_train": False} and cfg.image_score == "max"
     assert opts(["--roi", "0.1", "0.2", "0.9", "0.8"])[1]["roi"] == [0.1, 0.2, 0.9, 0.8]
     cfg, o = opts([], modality="rgb+3d")  # the modes with depth keep the paper's frame and the profile's fields
-    assert o == {"roi": None, "rgb_foreground": False, "border": 0} and cfg.out_blocks == (10,)
+    assert o == {"roi": None, "rgb_foreground": False, "border": 0, "border_train": False} and cfg.out_blocks == (10,)
     assert profile_settings("cpu", "rgb+3d") == {"epochs": 20, "student_epochs": None, "batch_size": 8, "options": {}}
     with pytest.raises(ValueError, match="rgb only"):
         opts(["--border-cells", "1"], modality="rgb+3d")
     with pytest.raises(ValueError, match="--roi"):
         opts(["--roi", "0.1", "0.2"])
+
+
+def test_border_train_trains_on_the_ring_but_scores_without_it(make_mvtec, tmp_path, monkeypatch):
+    """--border-train yes: the training losses see the outer ring (the trainer's fg), the
+    runtime preprocessing (score and map) still leaves it out; recorded in the manifest."""
+    from edge_runtime.methods.ast.preprocess import training_params
+    from train import ast_trainer
+
+    params = preprocessing_params(tiny_cfg("rgb"), (0.5,) * 3, (0.25,) * 3, border=1, border_train=True)
+    assert params["border"] == 1 and params["border_train"] is True
+    assert "border" not in training_params(params) and "border_train" not in training_params(params)
+    plain = preprocessing_params(tiny_cfg("rgb"), (0.5,) * 3, (0.25,) * 3, border=1)
+    assert "border_train" not in plain and training_params(plain) is plain
+    rgb = _part_on_background(h=64, w=64, box=(20, 20, 44, 44))
+    scored = make_preprocessor(params)(rgb, None)["fg"]
+    trained = make_preprocessor(training_params(params))(rgb, None)["fg"]
+    assert scored[0].max() == 0 and scored[1:3, 1:3].min() == 1 and trained.min() == 1
+    with pytest.raises(ValueError, match="border_train needs border"):
+        preprocessing_params(tiny_cfg("rgb"), (0.5,) * 3, (0.25,) * 3, border_train=True)
+    if not lite0_available():
+        pytest.skip("no Lite0 weights: the fit part needs the extractor")
+    rgb_cfg = tiny_cfg("rgb")
+    root = make_mvtec(tmp_path / "d", n_train=4, n_test_good=1, defects=(("stain", 1),), with_xyz=False)
+    data = MVTec3D(root)
+    seen = []
+    real_extract = ast_trainer.extract
+
+    def spy(model, prep, refs, *a, **kw):
+        x, fg = real_extract(model, prep, refs, *a, **kw)
+        seen.append(fg)
+        return x, fg
+
+    monkeypatch.setattr(ast_trainer, "extract", spy)
+    for border_train in (False, True):
+        model, fields = ast_trainer.fit(rgb_cfg, data.index("widget", "train"), ast_trainer.TrainSettings(
+            epochs=1, batch_size=4), backbone_spec="efficientnet-lite0", progress=False, border=1,
+            border_train=border_train)
+        assert fields["preprocessing"]["border"] == 1
+        assert fields["preprocessing"].get("border_train", False) is border_train
+        runtime_fg = make_preprocessor(fields["preprocessing"])(data.index("widget", "test")[0].load().rgb, None)["fg"]
+        assert runtime_fg[0].max() == 0 and runtime_fg[:, -1].max() == 0  # the ring never scores
+        ev = ast_trainer.evaluate(model, fields["preprocessing"], data.index("widget", "test"))
+        assert np.isfinite(ev["scores"]).all()
+    assert seen[0][:, 0].max() == 0 and seen[1].min() == 1  # only --border-train yes trains on the ring
+
+
+def test_train_splits_add_the_validation_good_images(make_mvtec, tmp_path):
+    from train import ast_trainer
+    from train.common import Common
+
+    root = make_mvtec(tmp_path / "d", n_train=4, n_test_good=1, defects=(("stain", 1),), with_xyz=False)
+    common = Common(device="cpu", progress=False, log=None)
+    args = argparse.Namespace(data=str(root), category="widget", shots=None, shot_mode="first", seed=0,
+                              train_splits="train")
+    base = ast_trainer.train_split_refs(args, common)
+    assert len(base) == 4
+    args.train_splits = "train,validation"
+    both = ast_trainer.train_split_refs(args, common)
+    n_val = len(MVTec3D(root).index("widget", "validation"))
+    assert n_val > 0 and len(both) == 4 + n_val and all(int(r.label) == 0 for r in both)
+    args.shots = 3
+    assert len(ast_trainer.train_split_refs(args, common)) == 3
+    args.train_splits = "train,train"
+    with pytest.raises(ValueError, match="distinct"):
+        ast_trainer.train_split_refs(args, common)

@@ -15,9 +15,12 @@ width 1024, 72 epochs: a GPU station's setting) and ``cpu`` (EfficientNet-Lite0 
 at 384 px, student width 256, 20 + 20 epochs: a category of ~100 images in under 15 minutes
 on two CPU cores). For ``--modality rgb`` the cpu profile uses its "rgb" entry instead
 (Lite0 block 14 at 768 px, student width 128, 10 + 40 epochs, image score top3, and the
-RGB-only options ``--roi auto --border-cells 1``: the best measured on the real tire,
+RGB-only options ``--roi auto --border-cells 1 --border-train yes``: the best measured on the real tire,
 docs/results.md); ``--roi none --border-cells 0 --image-score max`` gives the paper's
-whole-frame scoring back.
+whole-frame scoring back. ``--border-train yes`` trains on the border rings that
+``--border-cells`` leaves out of the score; ``--train-splits train,validation`` adds the
+validation split's good images to the training set (AST itself never reads the validation
+split).
 
 Entry points: ``add_arguments`` / ``train(args, common)`` for edge-train, and ``fit`` /
 ``evaluate`` for scripts and tests that drive the trainer from Python.
@@ -39,7 +42,8 @@ from edge_runtime.errors import DataError
 from edge_runtime.geometry import gt_to_map
 from edge_runtime.methods.ast.config import IMAGE_SCORES, PROFILES, ASTConfig, profile_config, profile_settings
 from edge_runtime.methods.ast.model import ASTModel, student_loss, teacher_loss
-from edge_runtime.methods.ast.preprocess import foreground_roi, make_preprocessor, preprocessing_params, roi_geometry
+from edge_runtime.methods.ast.preprocess import (foreground_roi, make_preprocessor, preprocessing_params, roi_geometry,
+                                                 training_params)
 
 log = logging.getLogger("edge_train")
 
@@ -96,8 +100,17 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="RGB only: mask losses and scores with the corner-colour foreground ('none': every "
                             "cell, as the paper). Default: the profile's")
     group.add_argument("--border-cells", type=int, default=None,
-                       help="RGB only: outer rings of grid cells left out of losses and scores (paper 0). "
-                            "Default: the profile's")
+                       help="RGB only: outer rings of grid cells left out of the score and the map (and, unless "
+                            "--border-train yes, of the training losses; paper 0). Default: the profile's")
+    group.add_argument("--border-train", choices=("yes", "no"), default=None,
+                       help="RGB only, with --border-cells N >= 1: yes = the training losses still cover the outer "
+                            "N rings (only the score and the map leave them out), no = they are left out of the "
+                            "losses too. Default: the profile's")
+    group.add_argument("--train-splits", default="train", metavar="S[,S]",
+                       help="comma-separated dataset splits of good images to train on (default: train; e.g. "
+                            "train,validation: AST does not use the validation split, but a later threshold "
+                            "calibration on it, such as edge-calibrate --split validation, would then score "
+                            "training images)")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[ASTConfig, str | None, dict]:
@@ -128,7 +141,7 @@ def rgb_options_from_args(args: argparse.Namespace, prof: dict, cfg: ASTConfig) 
     profile's "rgb" options for modality "rgb" (none for the modes with depth)."""
     defaults = dict(prof.get("rgb", {}).get("options", {})) if cfg.modality == "rgb" else {}
     opts = {"roi": defaults.get("roi"), "rgb_foreground": defaults.get("rgb_foreground", False),
-            "border": defaults.get("border", 0)}
+            "border": defaults.get("border", 0), "border_train": defaults.get("border_train", False)}
     roi = getattr(args, "roi", None)
     if roi is not None:
         if roi == ["auto"]:
@@ -146,9 +159,38 @@ def rgb_options_from_args(args: argparse.Namespace, prof: dict, cfg: ASTConfig) 
         opts["rgb_foreground"] = args.rgb_foreground == "colour"
     if getattr(args, "border_cells", None) is not None:
         opts["border"] = args.border_cells
+    if getattr(args, "border_train", None) is not None:
+        if args.border_train == "yes" and not opts["border"]:
+            raise ValueError("ast: --border-train yes needs --border-cells >= 1")
+        opts["border_train"] = args.border_train == "yes"
+    if not opts["border"]:
+        opts["border_train"] = False  # nothing left out, so nothing to train on apart
     if cfg.modality != "rgb" and (opts["roi"] is not None or opts["rgb_foreground"] or opts["border"]):
         raise ValueError("ast: --roi / --rgb-foreground / --border-cells apply to --modality rgb only")
     return opts
+
+
+def _splits(args: argparse.Namespace) -> list[str]:
+    splits = [s.strip() for s in (getattr(args, "train_splits", None) or "train").split(",") if s.strip()]
+    if not splits or len(set(splits)) != len(splits):
+        raise ValueError(f"ast: --train-splits must name distinct splits, got {getattr(args, 'train_splits', None)!r}")
+    return splits
+
+
+def train_split_refs(args: argparse.Namespace, common) -> list:
+    """The training images: the good images of every ``--train-splits`` split (train only by
+    default, as ``common.train_refs``), the few-shot subset (``--shots``) applied to the union."""
+    splits = _splits(args)
+    if splits == ["train"]:
+        return common.train_refs(args)
+    from edge_runtime.data.mvtec import few_shot
+
+    refs = []
+    for split in splits:
+        refs += [r for r in common.split_refs(args, split) if int(r.label) == 0]
+    if args.shots is not None:
+        refs = few_shot(refs, args.shots, args.shot_mode, args.seed)
+    return refs
 
 
 def _spec_arch(spec: str) -> str:
@@ -171,7 +213,7 @@ def train(args: argparse.Namespace, common) -> "object":
         lr=args.lr or 2e-4,
         seed=args.seed if args.seed is not None else 0,
     )
-    refs = common.train_refs(args)
+    refs = train_split_refs(args, common)
     resume = None
     if getattr(args, "resume", None):
         from train.common import load_checkpoint
@@ -189,6 +231,7 @@ def train(args: argparse.Namespace, common) -> "object":
                         fg_threshold=getattr(args, "fg_threshold", 0.007), resume=resume, checkpoint=ckpt,
                         logger=common.log, **rgb_options_from_args(args, prof, cfg))
     fields["training"]["profile"] = getattr(args, "profile", None) or "cpu"
+    fields["training"]["splits"] = _splits(args)
     fields["training"]["category"] = getattr(args, "category", None)
     return Trained(model=model, config=cfg, fields=fields, variant=None)
 
@@ -291,13 +334,14 @@ def _epochs_loop(module, loss_fn, data: dict, n: int, epochs: int, settings: Tra
 def fit(cfg: ASTConfig, refs: Sequence, settings: TrainSettings, backbone_spec: str | None = None,
         device="cpu", progress: bool = True, fg_threshold: float = 0.007, resume: dict | None = None,
         checkpoint=None, logger: logging.Logger | None = None, roi=None, rgb_foreground=False,
-        border: int = 0) -> tuple[ASTModel, dict]:
+        border: int = 0, border_train: bool = False) -> tuple[ASTModel, dict]:
     """Train AST on ``refs`` (good training samples); returns (model in eval mode, manifest fields).
 
     resume: a checkpoint dict written through ``checkpoint`` = (every_n_epochs, save_fn).
-    roi / rgb_foreground / border: the RGB-only options of ``edge_runtime.methods.ast.preprocess``
-    (defaults: the paper's whole frame, every cell); ``roi="auto"`` derives the box from
-    ``refs`` (``foreground_roi``).
+    roi / rgb_foreground / border / border_train: the RGB-only options of
+    ``edge_runtime.methods.ast.preprocess`` (defaults: the paper's whole frame, every cell);
+    ``roi="auto"`` derives the box from ``refs`` (``foreground_roi``); with ``border_train``
+    the training images are preprocessed without the border (``training_params``).
     """
     logger = logger or log
     device = torch.device(device)
@@ -314,8 +358,8 @@ def fit(cfg: ASTConfig, refs: Sequence, settings: TrainSettings, backbone_spec: 
         roi = foreground_roi(ref.load().rgb for ref in refs)
         logger.info("ast: roi from the training images' foreground: %s", roi)
     params = preprocessing_params(cfg, mean, std, threshold_m=fg_threshold, roi=roi, rgb_foreground=rgb_foreground,
-                                  border=border)
-    prep = make_preprocessor(params)
+                                  border=border, border_train=border_train)
+    prep = make_preprocessor(training_params(params))
     model.to(device)
 
     t_extract = time.perf_counter()

@@ -58,8 +58,8 @@ DEMO_DATA = {"n_train": 40, "n_val": 10, "n_test_good": 2, "n_test_defect": 1}
 DEMO_TARGET_FPR = 0.1  # the quantile threshold needs >= 9 good calibration images at 10 %
 # Bumped when a training default the demos rely on changes: 2 = CFM's 1 mm table-plane margin,
 # 3 = AST's rgb-only cpu defaults (block 14 at 768 px, fixed crop box, border cells, top-3 score),
-# 4 = cfm-tiny's Lite0 blocks 1, 2, 4 on the R/4 token grid.
-DEMO_RECIPE_VERSION = 4
+# 4 = cfm-tiny's Lite0 blocks 1, 2, 4 on the R/4 token grid, 5 = AST's rgb cpu default trains on the border ring.
+DEMO_RECIPE_VERSION = 5
 
 
 def demo_models() -> dict[str, tuple[str, object]]:

@@ -26,8 +26,13 @@ RGB-only options (modality "rgb"; not in the paper, each recorded in the manifes
   corner patches (Mahalanobis distance); pixels above ``threshold`` are the part, dilated by
   ``dilate`` px; ``fg`` is their coverage of each cell. A frame with no foreground cell
   falls back to every cell (an empty mask would hide everything).
-* ``border`` = N: the outer N rings of grid cells never count (the extractor's zero
-  padding makes them the least reliable cells).
+* ``border`` = N: the outer N rings of grid cells never count for the score and the map
+  (the extractor's zero padding makes them the least reliable cells), nor, unless
+  ``border_train`` is set, for the training losses.
+* ``border_train`` = true (only with ``border``): the training losses still cover the
+  outer rings (the student learns them like any cell); only the score and the map leave
+  them out. The runtime preprocessor is the same either way; the trainer preprocesses its
+  images with ``training_params(params)``.
 
 The parameters come from the bundle manifest's ``preprocessing`` dict
 (``preprocessing_params``). Source and deviations: docs/methods.md (AST).
@@ -42,7 +47,7 @@ from edge_runtime.data.depth import centred_depth_input
 from edge_runtime.errors import DataError
 
 __all__ = ["preprocessing_params", "image_input", "make_preprocessor", "map_valid_mask", "colour_foreground",
-           "roi_box", "roi_geometry", "foreground_roi", "RGB_FOREGROUND"]
+           "roi_box", "roi_geometry", "foreground_roi", "training_params", "RGB_FOREGROUND"]
 
 # the corner-colour foreground's default parameters (measured on the MVTec 3D-AD tire, docs/results.md)
 RGB_FOREGROUND = {"threshold": 6.0, "dilate": 16, "side": 192, "corner": 0.1}
@@ -50,14 +55,15 @@ RGB_FOREGROUND = {"threshold": 6.0, "dilate": 16, "side": 192, "corner": 0.1}
 
 def preprocessing_params(cfg, mean=None, std=None, threshold_m: float = 0.007, fill_passes: int = 3,
                          corner_patch: int = 2, dilate: int | None = None, roi=None, rgb_foreground=None,
-                         border: int = 0) -> dict:
+                         border: int = 0, border_train: bool = False) -> dict:
     """The manifest's ``preprocessing`` dict for ``cfg`` (an ASTConfig).
 
     mean / std: the extractor's input normalisation (0..1 units; needed for "rgb" modes).
     dilate: foreground dilation square in depth-map pixels (default: 8 at the paper's
     192 px depth map, scaled with the depth map's side).
-    roi, rgb_foreground, border: the RGB-only options of the module doc (None / None / 0:
-    the paper's whole frame, every cell); ``rgb_foreground=True`` takes ``RGB_FOREGROUND``.
+    roi, rgb_foreground, border, border_train: the RGB-only options of the module doc (None /
+    None / 0 / False: the paper's whole frame, every cell); ``rgb_foreground=True`` takes
+    ``RGB_FOREGROUND``.
     """
     params = {
         "modality": cfg.modality,
@@ -86,6 +92,19 @@ def preprocessing_params(cfg, mean=None, std=None, threshold_m: float = 0.007, f
         raise ValueError(f"ast: border must be 0..{(cfg.grid - 1) // 2} cells for grid {cfg.grid}, got {border}")
     if border:
         params["border"] = border
+    if border_train:
+        if not border:
+            raise ValueError("ast: border_train needs border >= 1 (the rings that are trained on but not scored)")
+        params["border_train"] = True
+    return params
+
+
+def training_params(params: dict) -> dict:
+    """The preprocessing the trainer applies to its training images: ``params`` itself, or,
+    with ``border_train``, ``params`` without the border (the losses cover the outer rings;
+    the score and the map, made with ``params``, still leave them out)."""
+    if params.get("border_train"):
+        return {k: v for k, v in params.items() if k not in ("border", "border_train")}
     return params
 
 
