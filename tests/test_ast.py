@@ -245,17 +245,26 @@ def test_teacher_loss_falls_and_student_learns_3d(make_mvtec, tmp_path):
     assert (ev["scores_by"]["mean"] <= ev["scores_by"]["max"] + 1e-7).all()
 
 
+def _fit_rgb_only(make_mvtec, tmp_path, n_test: int, epochs: int, **options):
+    """An RGB-only widget dataset (6 good training images, ``n_test`` good + ``n_test``
+    stains) and AST fitted on it with Lite0: (dataset, config, model, manifest fields)."""
+    from train.ast_trainer import TrainSettings, fit
+
+    root = make_mvtec(tmp_path / "d", n_train=6, n_test_good=n_test, defects=(("stain", n_test),), with_xyz=False)
+    data = MVTec3D(root)
+    cfg = tiny_cfg("rgb")
+    model, fields = fit(cfg, data.index("widget", "train"), TrainSettings(epochs=epochs, batch_size=4),
+                        backbone_spec="efficientnet-lite0", progress=False, **options)
+    return data, cfg, model, fields
+
+
 @needs_lite0
 def test_rgb_only_dataset_trains_and_evaluates_end_to_end(make_mvtec, tmp_path):
     from edge_runtime.bundle import build_model, load_bundle, save_bundle
     from edge_runtime.report import evaluate as report
-    from train.ast_trainer import TrainSettings, evaluate, fit
+    from train.ast_trainer import evaluate
 
-    root = make_mvtec(tmp_path / "d", n_train=6, n_test_good=3, defects=(("stain", 3),), with_xyz=False)
-    data = MVTec3D(root)
-    cfg = tiny_cfg("rgb")
-    model, fields = fit(cfg, data.index("widget", "train"), TrainSettings(epochs=3, batch_size=4),
-                        backbone_spec="efficientnet-lite0", progress=False)
+    data, cfg, model, fields = _fit_rgb_only(make_mvtec, tmp_path, n_test=3, epochs=3)
     assert fields["extractors"]["rgb"]["name"] == "efficientnet-lite0" and fields["extractors"]["rgb"]["sha256"]
     assert "depth_size" not in fields["preprocessing"]
     ev = evaluate(model, fields["preprocessing"], data.index("widget", "test"))
@@ -352,14 +361,10 @@ def test_roi_crops_the_frame_and_the_geometry_follows():
 @needs_lite0
 def test_rgb_options_train_evaluate_and_travel_in_the_bundle(make_mvtec, tmp_path):
     from edge_runtime.bundle import build_model, load_bundle, save_bundle
-    from train.ast_trainer import TrainSettings, evaluate, fit
+    from train.ast_trainer import evaluate
 
-    root = make_mvtec(tmp_path / "d", n_train=6, n_test_good=2, defects=(("stain", 2),), with_xyz=False)
-    data = MVTec3D(root)
-    cfg = tiny_cfg("rgb")
-    model, fields = fit(cfg, data.index("widget", "train"), TrainSettings(epochs=2, batch_size=4),
-                        backbone_spec="efficientnet-lite0", progress=False, roi="auto", rgb_foreground=True,
-                        border=1)
+    data, cfg, model, fields = _fit_rgb_only(make_mvtec, tmp_path, n_test=2, epochs=2, roi="auto",
+                                             rgb_foreground=True, border=1)
     pre = fields["preprocessing"]
     assert len(pre["roi"]) == 4 and pre["roi"][0] < pre["roi"][2] and "rgb_foreground" in pre and pre["border"] == 1
     ev = evaluate(model, pre, data.index("widget", "test"))

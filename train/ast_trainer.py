@@ -172,8 +172,11 @@ def rgb_options_from_args(args: argparse.Namespace, prof: dict, cfg: ASTConfig) 
 
 def _splits(args: argparse.Namespace) -> list[str]:
     splits = [s.strip() for s in (getattr(args, "train_splits", None) or "train").split(",") if s.strip()]
-    if not splits or len(set(splits)) != len(splits):
-        raise ValueError(f"ast: --train-splits must name distinct splits, got {getattr(args, 'train_splits', None)!r}")
+    from edge_runtime.data.mvtec import SPLITS
+
+    if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(SPLITS):
+        raise ValueError(f"ast: --train-splits must name distinct splits among {', '.join(SPLITS)}, "
+                         f"got {getattr(args, 'train_splits', None)!r}")
     return splits
 
 

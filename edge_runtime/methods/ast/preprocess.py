@@ -147,8 +147,9 @@ def _foreground_pixels(rgb: np.ndarray, side: int, threshold: float, corner: flo
     return np.sqrt(np.maximum(np.einsum("hwc,cd,hwd->hw", diff, inv, diff), 0)) > threshold
 
 
-def colour_foreground(rgb: np.ndarray, grid: int, threshold: float = 6.0, dilate: int = 16, side: int = 192,
-                      corner: float = 0.1, roi=None) -> np.ndarray:
+def colour_foreground(rgb: np.ndarray, grid: int, threshold: float = RGB_FOREGROUND["threshold"],
+                      dilate: int = RGB_FOREGROUND["dilate"], side: int = RGB_FOREGROUND["side"],
+                      corner: float = RGB_FOREGROUND["corner"], roi=None) -> np.ndarray:
     """float32 grid x grid: coverage of each cell by the dilated corner-colour foreground
     (all ones when nothing is foreground). The colour model is always made on the whole
     frame (its corners are the background); with ``roi`` the mask is then cut to the box."""
@@ -162,8 +163,8 @@ def colour_foreground(rgb: np.ndarray, grid: int, threshold: float = 6.0, dilate
     return cells if (cells > 0).any() else np.ones((grid, grid), np.float32)
 
 
-def foreground_roi(rgbs, margin: float = 0.03, threshold: float = 6.0, side: int = 192,
-                   corner: float = 0.1) -> list[float]:
+def foreground_roi(rgbs, margin: float = 0.03, threshold: float = RGB_FOREGROUND["threshold"],
+                   side: int = RGB_FOREGROUND["side"], corner: float = RGB_FOREGROUND["corner"]) -> list[float]:
     """The fractional box [x0, y0, x1, y1] holding every image's largest corner-colour
     foreground component, widened by ``margin`` (fractions) per side: an ROI learned from
     good training images of a station that places the part at a fixed spot."""
