@@ -3,9 +3,9 @@
 A frame's tensors (EfficientNet-Lite0's 96 x 112 x 112 activations are 4.8 MB each) are
 allocated and freed on every frame. glibc serves blocks that large with fresh ``mmap``
 pages (or trims them off the heap top when freed), so every frame pays thousands of page
-faults: on one core, ~3 800 faults and ~11 ms of system time per cfm-tiny frame, about a
-sixth of its inference time (docs/benchmarks.md). Raising glibc's mmap and trim
-thresholds keeps those blocks on the heap for reuse: the faults go to ~0.
+faults: on one core, ~2 400 faults and ~9 ms of system time per cfm-tiny frame, about a
+fifth of its inference time (docs/benchmarks.md). Raising glibc's mmap and trim
+thresholds keeps those blocks on the heap for reuse: ~100 faults, ~2 ms.
 
 The cost is resident memory: the process keeps its peak heap (a few hundred MB for
 inference) instead of returning it between frames. Set ``EDGE_RUNTIME_KEEP_HEAP=0`` to

@@ -12,6 +12,7 @@ cost (docs/benchmarks.md, "torch threads per worker"). Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -37,17 +38,20 @@ def main() -> None:
         det.model = det.model.to(memory_format=torch.contiguous_format)
     frame = SynthStation(size=args.size, seed=0).render("puck", 0, "stream")
     inputs = det.preprocess(frame.rgb, frame.xyz)
-    print("| torch threads | infer ms (wall, mean) | infer ms CPU of this thread (1 thread: all of it) | stages ms "
-          "(last frame) |\n|---|---|---|---|")
+    print("| torch threads | infer ms (wall, mean) | infer ms CPU of this thread (1 thread: all of it) | page faults "
+          "per frame | system ms per frame | stages ms (last frame) |\n|---|---|---|---|---|---|")
     for n in args.threads:
         torch.set_num_threads(n)
         det.infer(inputs)  # warm-up
-        t0, c0 = time.perf_counter(), time.thread_time()
+        r0, t0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.thread_time()
         timings = [det.infer(inputs).timings_ms for _ in range(args.frames)]
         ms = (time.perf_counter() - t0) / args.frames * 1e3
         cpu_ms = (time.thread_time() - c0) / args.frames * 1e3
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        faults = (r1.ru_minflt - r0.ru_minflt) / args.frames
+        sys_ms = (r1.ru_stime - r0.ru_stime) / args.frames * 1e3
         stages = ", ".join(f"{k} {v:.0f}" for k, v in timings[-1].items() if v >= 0.5)
-        print(f"| {n} | {ms:.1f} | {cpu_ms:.1f} | {stages} |")
+        print(f"| {n} | {ms:.1f} | {cpu_ms:.1f} | {faults:.0f} | {sys_ms:.1f} | {stages} |")
 
 
 if __name__ == "__main__":
